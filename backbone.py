@@ -1,0 +1,285 @@
+"""Backbones: ResNet-50 and Swin-L, giving DINO its three feature maps of strides 8, 16 and 32.
+
+DINO (arXiv 2203.03605v4) Sec. 4.1 uses an ImageNet ResNet-50 with frozen batch norm, and
+Sec. 4.3 a Swin-L (Liu et al., arXiv 2103.14030v2) pre-trained on ImageNet-22k at 384 pixels.
+`r18` is ResNet-18 with the same three strides, small enough for tests and demos.
+
+The Swin-L here is written out (window attention with a relative position bias, shifted windows,
+patch merging) and follows the detection variant the official DINO uses: inputs of any size are
+zero-padded to whole windows and patches, and the padded tokens are attended to, not masked.
+Differences from official DINO: no `timm` dependency (stochastic depth is torchvision's
+`stochastic_depth`), and the Swin checkpoint loader says exactly which keys it skipped.
+"""
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d, stochastic_depth
+
+BACKBONES = ("r50", "swinl", "r18")
+
+
+# --- ResNet ------------------------------------------------------------------------------------
+
+class ResNet(nn.Module):
+    """torchvision ResNet with frozen batch norm; returns the outputs of layer2, layer3, layer4."""
+
+    def __init__(self, depth: int, pretrained: bool = False, activation_checkpointing: bool = False):
+        super().__init__()
+        weights = None
+        if pretrained:  # downloads on first use, like official DINO (torchvision's ImageNet weights)
+            weights = {50: torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                       18: torchvision.models.ResNet18_Weights.IMAGENET1K_V1}[depth]
+        resnet = getattr(torchvision.models, f"resnet{depth}")(weights=weights, norm_layer=FrozenBatchNorm2d)
+        # as official DINO: the stem and layer1 stay frozen, layer2..4 are fine-tuned
+        for name, p in resnet.named_parameters():
+            if not name.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
+        self.body = IntermediateLayerGetter(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"})
+        width = 4 if depth >= 50 else 1  # bottleneck expansion
+        self.num_channels = [128 * width, 256 * width, 512 * width]
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        if not (self.activation_checkpointing and self.training):
+            return list(self.body(images).values())
+        x, outs = images, []
+        for name, module in self.body.items():
+            x = checkpoint(module, x, use_reentrant=False) if name.startswith("layer") else module(x)
+            if name in ("layer2", "layer3", "layer4"):
+                outs.append(x)
+        return outs
+
+
+# --- Swin Transformer ---------------------------------------------------------------------------
+
+def window_partition(x: Tensor, w: int) -> Tensor:
+    """(B, H, W, C) with H, W multiples of w -> (B * H/w * W/w, w*w, C)."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, w * w, C)
+
+
+def window_reverse(windows: Tensor, w: int, H: int, W: int) -> Tensor:
+    """Inverse of window_partition: (B * H/w * W/w, w*w, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // w, W // w, w, w, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, H, W, C)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside a w x w window plus a learned relative position bias (Swin Sec. 3.2)."""
+
+    def __init__(self, dim: int, window_size: int, num_heads: int):
+        super().__init__()
+        self.window_size, self.num_heads = window_size, num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        # token i = (r_i, c_i) in the window; the bias of pair (i, j) is looked up at (r_i - r_j, c_i - c_j)
+        coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]) + (window_size - 1)  # (2, w*w, w*w), shifted to >= 0
+        self.register_buffer("relative_position_index", rel[0] * (2 * window_size - 1) + rel[1])  # in official checkpoints
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """x (nW*B, N, C) with N = w*w; mask (nW, N, N) of 0 / -100, or None. Returns (nW*B, N, C)."""
+        B_, N, C = x.shape
+        qkv = self.qkv(x).view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # (B_, heads, N, C/heads)
+        attn = q @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
+        attn = attn + bias.permute(2, 0, 1)[None]
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = (attn.view(B_ // nW, nW, self.num_heads, N, N) + mask[None, :, None]).view(B_, self.num_heads, N, N)
+        x = (attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, C)
+        return self.proj(x)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, drop_path: float):
+        super().__init__()
+        self.window_size, self.shift, self.drop_path = window_size, shift, drop_path
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential()  # names fc1 / fc2 as in the Swin checkpoints
+        self.mlp.add_module("fc1", nn.Linear(dim, 4 * dim))
+        self.mlp.add_module("act", nn.GELU())
+        self.mlp.add_module("fc2", nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor, H: int, W: int, shift_mask: Tensor) -> Tensor:
+        """x (B, H*W, C) -> (B, H*W, C)."""
+        B, _, C = x.shape
+        w = self.window_size
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        # pad to whole windows; official Swin lets the zero tokens take part in attention
+        x = F.pad(x, (0, 0, 0, (w - W % w) % w, 0, (w - H % w) % w))
+        Hp, Wp = x.shape[1:3]
+        if self.shift:  # SW-MSA: roll so the next windows straddle the previous ones' borders
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        x = self.attn(window_partition(x, w), shift_mask if self.shift else None)
+        x = window_reverse(x, w, Hp, Wp)
+        if self.shift:
+            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x[:, :H, :W].reshape(B, H * W, C)
+        x = shortcut + stochastic_depth(x, self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbouring tokens concatenated (4C) and projected to 2C: the stride doubles."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        B, _, C = x.shape
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))
+        # order (0,0), (1,0), (0,1), (1,1) as in the Swin checkpoints' reduction weights
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.view(B, -1, 4 * C)))
+
+
+class SwinStage(nn.Module):
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int,
+                 drop_paths: Sequence[float], downsample: bool):
+        super().__init__()
+        self.window_size = window_size
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, drop_paths[i])
+            for i in range(depth))
+        self.downsample = PatchMerging(dim) if downsample else None
+        self.activation_checkpointing = False
+
+    def shift_mask(self, H: int, W: int, like: Tensor) -> Tensor:
+        """(nW, w*w, w*w) additive mask: after the cyclic shift, tokens from different image regions
+        share a window; they must not attend to each other (-100, as official Swin, not -inf)."""
+        w, s = self.window_size, self.window_size // 2
+        Hp, Wp = -(-H // w) * w, -(-W // w) * w
+        region = like.new_zeros(1, Hp, Wp, 1)
+        cnt = 0
+        for hs in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+            for ws in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+                region[:, hs, ws] = cnt
+                cnt += 1
+        region = window_partition(region, w).squeeze(-1)  # (nW, w*w)
+        diff = region[:, None, :] - region[:, :, None]
+        return diff.masked_fill(diff != 0, -100.0)
+
+    def forward(self, x: Tensor, H: int, W: int) -> tuple[Tensor, Tensor | None]:
+        """x (B, H*W, C) -> this stage's output (B, H*W, C) and the merged input of the next stage."""
+        mask = self.shift_mask(H, W, x)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, H, W, mask, use_reentrant=False)
+            else:
+                x = block(x, H, W, mask)
+        return x, (self.downsample(x, H, W) if self.downsample is not None else None)
+
+
+class SwinTransformer(nn.Module):
+    """Swin backbone; returns the normalised outputs of stages 1, 2, 3 (strides 8, 16, 32)."""
+
+    def __init__(self, embed_dim: int = 192, depths: Sequence[int] = (2, 2, 18, 2),
+                 num_heads: Sequence[int] = (6, 12, 24, 48), window_size: int = 12,
+                 drop_path_rate: float = 0.2, out_indices: Sequence[int] = (1, 2, 3)):
+        super().__init__()
+        self.patch_embed = nn.Module()  # names proj / norm as in the Swin checkpoints
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, kernel_size=4, stride=4)
+        self.patch_embed.norm = nn.LayerNorm(embed_dim)
+        # stochastic depth grows linearly from 0 to drop_path_rate over all blocks (Swin Sec. 4.1)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dims = [embed_dim * 2 ** i for i in range(len(depths))]
+        self.layers = nn.ModuleList(
+            SwinStage(dims[i], depths[i], num_heads[i], window_size, dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                      downsample=i < len(depths) - 1)
+            for i in range(len(depths)))
+        self.out_indices = tuple(out_indices)
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
+        self.num_channels = [dims[i] for i in self.out_indices]
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = F.pad(images, (0, -images.shape[-1] % 4, 0, -images.shape[-2] % 4))  # whole patches
+        x = self.patch_embed.proj(x)  # (B, C, H/4, W/4)
+        H, W = x.shape[-2:]
+        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))  # (B, H*W, C)
+        outs = []
+        for i, stage in enumerate(self.layers):
+            out, x = stage(x, H, W)
+            if i in self.out_indices:
+                out = getattr(self, f"norm{i}")(out)
+                outs.append(out.view(-1, H, W, out.shape[-1]).permute(0, 3, 1, 2).contiguous())
+            H, W = (H + 1) // 2, (W + 1) // 2
+        return outs
+
+
+class Swin(nn.Module):
+    """Swin-L (patch 4, window 12, pre-trained at 384, embed 192, depths 2-2-18-2, heads 6-12-24-48)."""
+
+    def __init__(self, drop_path_rate: float = 0.2, activation_checkpointing: bool = False):
+        super().__init__()
+        self.body = SwinTransformer(drop_path_rate=drop_path_rate)
+        for stage in self.body.layers:
+            stage.activation_checkpointing = activation_checkpointing
+        self.num_channels = self.body.num_channels
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return self.body(images)
+
+
+def build_backbone(name: str, pretrained: bool = False, drop_path_rate: float = 0.2,
+                   activation_checkpointing: bool = False) -> nn.Module:
+    """name in BACKBONES. `pretrained` fetches torchvision's ImageNet weights for the ResNets;
+    the Swin-L weights come from a file, see `load_swin_checkpoint`."""
+    if name == "r50":
+        return ResNet(50, pretrained, activation_checkpointing)
+    if name == "r18":
+        return ResNet(18, pretrained, activation_checkpointing)
+    if name == "swinl":
+        if pretrained:
+            raise ValueError("Swin-L weights are not downloadable from torchvision: pass the file "
+                             "swin_large_patch4_window12_384_22k.pth to load_swin_checkpoint instead")
+        return Swin(drop_path_rate, activation_checkpointing)
+    raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+
+
+def load_swin_checkpoint(swin: Swin, path_or_state_dict) -> dict[str, list[str]]:
+    """Load the official Swin classification checkpoint (e.g. swin_large_patch4_window12_384_22k.pth,
+    `{"model": state_dict}`) into `swin`. Skipped: the classifier (`head.*`), its final `norm.*`, the
+    precomputed `attn_mask` and `relative_position_index` buffers (rebuilt here). The three output norms
+    norm1..norm3 are not in a classification checkpoint and keep their initialisation, as in official
+    DINO. Anything else missing, unexpected or of another shape is an error.
+    Returns {"skipped": [...], "initialised": [...]}.
+    """
+    source = path_or_state_dict
+    if not isinstance(source, dict):
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    state = source.get("model", source)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    skip = lambda k: k.startswith(("head.", "norm.")) or k.endswith(("attn_mask", "relative_position_index"))
+    skipped = sorted(k for k in state if skip(k))
+    state = {k: v for k, v in state.items() if not skip(k)}
+    own = swin.body.state_dict()
+    own_norms = [k for k in own if k.startswith("norm")]
+    expected = {k for k in own if not k.endswith("relative_position_index") and k not in own_norms}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    wrong = sorted(k for k in expected & state.keys() if state[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        where = path_or_state_dict if isinstance(path_or_state_dict, str) else "the Swin state dict"
+        raise ValueError(f"{where} does not fit Swin-L (patch 4, window 12): missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}, wrong shape "
+                         f"{[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}")
+    swin.body.load_state_dict(state, strict=False)
+    return {"skipped": skipped, "initialised": own_norms}

@@ -1,0 +1,41 @@
+"""Every hyperparameter, with the seed's values as defaults (official DINO's config/DINO/DINO_4scale.py).
+
+`build_dino(**overrides)`, `build_criterion(**overrides)` and train.py's flags all come from these
+fields, so each default lives here and nowhere else.
+"""
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class Config:
+    # model (DINO arXiv 2203.03605v4 Sec. 4.1; Deformable DETR arXiv 2010.04159v4 Sec. 4.1)
+    backbone: str = "r50"               # r50 | swinl | r18
+    num_classes: int = 91               # largest category id + 1 (COCO: 90 + 1), as official DINO
+    hidden_dim: int = 256               # C
+    nheads: int = 8                     # M
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+    activation: str = "relu"            # relu | gelu, the transformer FFN's activation
+    num_queries: int = 900              # matching queries, chosen by mixed query selection (Sec. 3.4)
+    enc_n_points: int = 4               # P in the encoder's deformable attention
+    dec_n_points: int = 4               # P in the decoder's deformable attention
+    pe_temperature: float = 20.0        # sine position encoding of the feature maps (official: 20, DETR: 10000)
+    drop_path_rate: float = 0.2         # Swin-L stochastic depth (official DINO's Swin default)
+    backbone_checkpointing: bool = False  # activation checkpointing in the backbone: memory for compute
+    # contrastive denoising (Sec. 3.3)
+    dn_number: int = 100                # DN queries per image: groups = dn_number // (largest object count)
+    dn_box_noise_scale: float = 0.4     # lambda_1; negatives get noise in [lambda_1, 2 * lambda_1)
+    dn_label_noise_ratio: float = 0.5   # a DN label is flipped with probability dn_label_noise_ratio / 2
+    # inference
+    num_select: int = 300               # detections kept per image by postprocess
+
+
+def make_config(**overrides) -> Config:
+    """Config with `overrides` applied; an unknown name is an error that lists the valid ones."""
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown hyperparameter(s) {unknown}; valid names: {sorted(names)}")
+    return Config(**overrides)

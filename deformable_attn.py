@@ -1,0 +1,74 @@
+"""Multi-scale deformable attention: Deformable DETR (arXiv 2010.04159v4) Sec. 4.1, Eq. 3.
+
+Each query looks at P learned sampling points around its reference on each of the L feature
+levels, per head; the points' values are mixed with softmax weights predicted from the query.
+DINO (arXiv 2203.03605v4) uses it as the encoder's self-attention, with reference points at
+pixel centres, and as the decoder's cross-attention, with reference *boxes*: there the offsets
+are scaled by the box's half size (Sec. 3.1, the anchor box modulates the sampling).
+The sampling itself is `msda_cuda.ms_deform_attn`.
+"""
+import math
+
+import torch
+from torch import Tensor, nn
+
+from msda_cuda import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # Deformable DETR's initialisation: head m starts looking along the direction 2*pi*m/M,
+        # point k at distance k+1 (pixels for the encoder, fraction of the half box for the decoder).
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]  # onto the square's border
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)  # uniform weights over the L*P points
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """query (B, Q, C); reference_points (B, Q, L, 2) points (x, y) or (B, Q, L, 4) boxes (cx, cy, w, h),
+        in [0, 1] of each level's padded map; value (B, S, C); spatial_shapes (L, 2) long (H_l, W_l);
+        level_start_index (L,); padding_mask (B, S), True on padding. Returns (B, Q, C).
+        """
+        B, Q, _ = query.shape
+        S = value.shape[1]
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)  # padding contributes nothing
+        value = value.view(B, S, M, self.d_model // M)  # (B, S, M, D)
+        offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)
+        weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: divide by (W_l, H_l)
+            size_wh = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1)  # (L, 2)
+            locations = reference_points[:, :, None, :, None, :] + offsets / size_wh[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            # offsets are in units of the box's half size, divided by P so the P points spread inside it
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got {tuple(reference_points.shape)}")
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)  # (B, Q, C)
+        return self.output_proj(out)

@@ -1,0 +1,518 @@
+"""DINO: DETR with Improved DeNoising Anchor Boxes (arXiv 2203.03605v4), the detector (Sec. 3, Fig. 2).
+
+images -> backbone (3 maps, strides 8/16/32) + a 4th map (stride 64) -> 6-layer deformable encoder
+-> mixed query selection: the top-Q encoder proposals give the anchors, content queries stay learned
+(Sec. 3.4) -> 6-layer decoder refining the anchors layer by layer, look forward twice (Sec. 3.5)
+-> class and box heads shared by all layers. In training, contrastive denoising queries (Sec. 3.3,
+denoising.py) ride along in the decoder.
+
+Shapes, one notation throughout: B batch, Q queries (DN plus matching), L levels, S = sum_l H_l*W_l
+tokens, M heads, P points, C = hidden_dim (256), K classes, G ground-truth boxes.
+Boxes are (cx, cy, w, h) in [0, 1] of each image's valid (unpadded) size unless named otherwise.
+
+This model computes what official DINO (IDEA-Research/DINO, DINO-4scale) computes with the same
+weights; `load_checkpoint` maps official names onto ours. Where that meant keeping an official
+detail the paper does not describe, the line says "official DINO".
+"""
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+from backbone import build_backbone
+from config import Config, make_config
+from deformable_attn import MSDeformAttn
+from denoising import DNQueries, build_cdn_queries
+
+NUM_LEVELS = 4  # DINO-4scale: strides 8, 16, 32 from the backbone plus a stride-64 map
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+# --- helpers: positions, boxes --------------------------------------------------------------------
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """logit(x), with x clamped to [eps, 1 - eps] (official DINO's eps: 1e-3)."""
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def sine_position_embedding(mask: Tensor, num_feats: int, temperature: float) -> Tensor:
+    """Sine encoding of each pixel's position, normalised to the image's valid size (DETR Sec. 3.2).
+
+    mask (B, H, W), True on padding. Returns (B, 2 * num_feats, H, W) float32: y features then x,
+    sin and cos interleaved. Computed in float32, as official DINO, whatever the model's dtype.
+    """
+    not_mask = ~mask
+    y = not_mask.cumsum(1, dtype=torch.float32)
+    x = not_mask.cumsum(2, dtype=torch.float32)
+    eps, scale = 1e-6, 2 * math.pi
+    y = y / (y[:, -1:, :] + eps) * scale
+    x = x / (x[:, :, -1:] + eps) * scale
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=mask.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+    pos_x, pos_y = x[..., None] / dim_t, y[..., None] / dim_t  # (B, H, W, F)
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def box_sine_embedding(boxes: Tensor, num_feats: int) -> Tensor:
+    """Sine encoding of anchor boxes for the positional queries (DAB-DETR arXiv 2201.12329v4 Eq. 4).
+
+    boxes (B, Q, 4) (cx, cy, w, h). Returns (B, Q, 4 * num_feats) ordered (y, x, w, h) as official
+    DINO, temperature 10000 (not pe_temperature).
+    """
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
+    dim_t = 10000 ** (2 * (dim_t // 2) / num_feats)
+    parts = []
+    for i in (1, 0, 2, 3):
+        pos = boxes[..., i, None] * (2 * math.pi) / dim_t  # (B, Q, F)
+        parts.append(torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2))
+    return torch.cat(parts, dim=-1)
+
+
+def valid_ratios(mask: Tensor) -> Tensor:
+    """mask (B, H, W) -> (B, 2) float32: the unpadded fraction of the width and the height."""
+    _, H, W = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1)
+    valid_w = (~mask[:, 0, :]).sum(1)
+    return torch.stack([valid_w.float() / W, valid_h.float() / H], -1)
+
+
+def encoder_reference_points(spatial_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
+    """Each token's pixel centre as a reference point on every level (Deformable DETR Sec. 4.1).
+
+    ratios (B, L, 2) from valid_ratios. Returns (B, S, L, 2) (x, y) in [0, 1] of each padded map, float32.
+    """
+    points = []
+    for lvl, (H, W) in enumerate(spatial_shapes):
+        ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=ratios.device) + 0.5,
+                                torch.arange(W, dtype=torch.float32, device=ratios.device) + 0.5, indexing="ij")
+        ys = ys.reshape(-1)[None] / (ratios[:, None, lvl, 1] * H)  # normalised to the valid height
+        xs = xs.reshape(-1)[None] / (ratios[:, None, lvl, 0] * W)
+        points.append(torch.stack((xs, ys), -1))
+    return torch.cat(points, 1)[:, :, None] * ratios[:, None]
+
+
+def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]]):
+    """One proposal box per encoder token, for mixed query selection (Sec. 3.4).
+
+    A token at pixel (i, j) of level l proposes the box centred on it, 0.05 * 2^l wide and high,
+    in inverse-sigmoid space. Padding tokens and proposals not within (0.01, 0.99) in all four
+    coordinates are invalid: their box becomes +inf and their memory 0. Official DINO still lets
+    them compete in the top-Q selection (their score is that of a zero memory); so do we.
+    memory (B, S, C), padding_mask (B, S). Returns memory (B, S, C), proposals (B, S, 4) float32.
+    """
+    B = memory.shape[0]
+    proposals, start = [], 0
+    for lvl, (H, W) in enumerate(spatial_shapes):
+        mask_l = padding_mask[:, start:start + H * W].view(B, H, W)
+        valid_h = (~mask_l[:, :, 0]).sum(1)
+        valid_w = (~mask_l[:, 0, :]).sum(1)
+        ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=memory.device),
+                                torch.arange(W, dtype=torch.float32, device=memory.device), indexing="ij")
+        grid = torch.stack([xs, ys], -1)  # (H, W, 2)
+        scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)
+        centres = (grid[None] + 0.5) / scale  # (B, H, W, 2)
+        sizes = torch.ones_like(centres) * 0.05 * (2.0 ** lvl)
+        proposals.append(torch.cat((centres, sizes), -1).view(B, H * W, 4))
+        start += H * W
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals))
+    invalid = padding_mask[..., None] | ~valid
+    return memory.masked_fill(invalid, 0.0), proposals.masked_fill(invalid, float("inf"))
+
+
+class MLP(nn.Module):
+    """num_layers linear layers with ReLU between them."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+# --- encoder and decoder ------------------------------------------------------------------------------
+
+class FFN(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.linear1 = nn.Linear(cfg.hidden_dim, cfg.dim_feedforward)
+        self.linear2 = nn.Linear(cfg.dim_feedforward, cfg.hidden_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.activation = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class EncoderLayer(nn.Module):
+    """Deformable self-attention over all levels, then an FFN; post-norm (Deformable DETR Sec. 4.1)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.self_attn = MSDeformAttn(cfg.hidden_dim, NUM_LEVELS, cfg.nheads, cfg.enc_n_points)
+        self.self_attn_norm = nn.LayerNorm(cfg.hidden_dim)
+        self.ffn = FFN(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, padding_mask: Tensor) -> Tensor:
+        """src, pos (B, S, C); reference_points (B, S, L, 2); padding_mask (B, S). Returns (B, S, C)."""
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src = self.self_attn_norm(src + self.dropout(attn))
+        return self.ffn_norm(src + self.ffn(src))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                ratios: Tensor, padding_mask: Tensor) -> Tensor:
+        reference_points = encoder_reference_points(spatial_shapes.tolist(), ratios)  # (B, S, L, 2)
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return src  # memory (B, S, C)
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention among queries, deformable cross-attention into the memory, FFN; post-norm."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        C = cfg.hidden_dim
+        self.self_attn = nn.MultiheadAttention(C, cfg.nheads, dropout=cfg.dropout, batch_first=True)
+        self.self_attn_norm = nn.LayerNorm(C)
+        self.cross_attn = MSDeformAttn(C, NUM_LEVELS, cfg.nheads, cfg.dec_n_points)
+        self.cross_attn_norm = nn.LayerNorm(C)
+        self.ffn = FFN(cfg)
+        self.ffn_norm = nn.LayerNorm(C)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, query: Tensor, query_pos: Tensor, reference_boxes: Tensor, memory: Tensor,
+                spatial_shapes: Tensor, level_start_index: Tensor, memory_padding_mask: Tensor,
+                self_attn_mask: Tensor | None) -> Tensor:
+        """query, query_pos (B, Q, C); reference_boxes (B, Q, L, 4); memory (B, S, C);
+        self_attn_mask (Q, Q) bool, True = may not attend. Returns (B, Q, C)."""
+        q = k = query + query_pos
+        attn = self.self_attn(q, k, query, attn_mask=self_attn_mask, need_weights=False)[0]
+        query = self.self_attn_norm(query + self.dropout(attn))
+        attn = self.cross_attn(query + query_pos, reference_boxes, memory, spatial_shapes, level_start_index,
+                               memory_padding_mask)
+        query = self.cross_attn_norm(query + self.dropout(attn))
+        return self.ffn_norm(query + self.ffn(query))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        self.norm = nn.LayerNorm(cfg.hidden_dim)
+        # positional query P = MLP(PE(anchor)) (DAB-DETR Eq. 4): 4 coordinates of C/2 features each
+        self.query_pos_head = MLP(2 * cfg.hidden_dim, cfg.hidden_dim, cfg.hidden_dim, 2)
+
+    def forward(self, query: Tensor, anchors: Tensor, memory: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, ratios: Tensor, memory_padding_mask: Tensor,
+                self_attn_mask: Tensor | None, box_head: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """query (B, Q, C) content queries; anchors (B, Q, 4) boxes in [0, 1], not requiring grad.
+
+        Returns the normed hidden states of every layer, [(B, Q, C)] * n_layers, and the anchors every
+        layer started from, [(B, Q, 4)] * n_layers, where the anchors of layer i > 0 are layer i-1's
+        refined boxes *with* their gradient: the loss of layer i then also trains the box prediction of
+        layer i-1, "look forward twice" (Sec. 3.5). The next layer itself starts from the detached boxes.
+        """
+        hidden_states, references = [], [anchors]
+        ratios4 = torch.cat([ratios, ratios], -1)[:, None]  # (B, 1, L, 4)
+        for layer in self.layers:
+            reference_boxes = anchors[:, :, None] * ratios4  # (B, Q, L, 4) in each padded map's units
+            # official DINO: the positional query encodes the box scaled by level 0's valid ratio
+            query_pos = self.query_pos_head(box_sine_embedding(reference_boxes[:, :, 0], query.shape[-1] // 2))
+            query = layer(query, query_pos, reference_boxes, memory, spatial_shapes, level_start_index,
+                          memory_padding_mask, self_attn_mask)
+            # official DINO: the refinement reads the layer's output before the shared final norm
+            refined = (box_head(query) + inverse_sigmoid(anchors)).sigmoid()
+            hidden_states.append(self.norm(query))
+            references.append(refined)
+            anchors = refined.detach()
+        return hidden_states, references[:-1]
+
+
+# --- the detector ---------------------------------------------------------------------------------------
+
+class DINO(nn.Module):
+    def __init__(self, cfg: Config, backbone: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        C, K = cfg.hidden_dim, cfg.num_classes
+        self.backbone = backbone
+        in_channels = list(backbone.num_channels)
+        # 1x1 projections of the backbone maps, plus a 3x3 stride-2 conv on the last one for the 4th level
+        self.input_proj = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(c, C, kernel_size=1), nn.GroupNorm(32, C)) for c in in_channels]
+            + [nn.Sequential(nn.Conv2d(in_channels[-1], C, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, C))])
+        self.level_embed = nn.Parameter(torch.empty(NUM_LEVELS, C))
+        self.encoder = Encoder(cfg)
+        # mixed query selection (Sec. 3.4): score and box every encoder token, keep the top Q as anchors
+        self.enc_output = nn.Linear(C, C)
+        self.enc_output_norm = nn.LayerNorm(C)
+        self.enc_class_head = nn.Linear(C, K)
+        self.enc_box_head = MLP(C, C, 4, 3)
+        self.content_queries = nn.Embedding(cfg.num_queries, C)  # the learned half of mixed query selection
+        self.decoder = Decoder(cfg)
+        self.class_head = nn.Linear(C, K)  # shared by all decoder layers
+        self.box_head = MLP(C, C, 4, 3)    # shared; predicts a refinement in inverse-sigmoid space
+        # label book of the denoising queries: K classes + 1 (official DINO's dn_labelbook_size + 1)
+        self.dn_label_embed = nn.Embedding(K + 1, C)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # as official DINO: Xavier for the transformer's matrices, Deformable DETR's init for MSDeformAttn
+        for module in (self.encoder, self.decoder, self.enc_output, self.content_queries):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+        nn.init.normal_(self.level_embed)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight)
+            nn.init.zeros_(proj[0].bias)
+        prior_prob = 0.01  # focal loss bias init (RetinaNet arXiv 1708.02002v2 Sec. 4.1)
+        for head in (self.class_head, self.enc_class_head):
+            nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
+        for head in (self.box_head, self.enc_box_head):  # start from the anchor itself
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+
+    def multi_scale_features(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """images (B, 3, H, W), mask (B, H, W) -> L maps (B, C, H_l, W_l) and their masks (B, H_l, W_l)."""
+        features = self.backbone(images)
+        srcs = [proj(f) for proj, f in zip(self.input_proj, features)]
+        srcs.append(self.input_proj[-1](features[-1]))
+        masks = [F.interpolate(mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0] for s in srcs]
+        return srcs, masks
+
+    def mixed_query_selection(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]]):
+        """memory (B, S, C) -> content queries (B, Q, C), anchors (B, Q, 4) in inverse-sigmoid space,
+        detached, and the encoder's outputs for the selected tokens (the "interm" predictions)."""
+        B, S, _ = memory.shape
+        Q = self.cfg.num_queries
+        if S < Q:
+            raise ValueError(f"the image gives {S} encoder tokens, fewer than num_queries={Q}: "
+                             f"use larger images or fewer queries")
+        memory, proposals = encoder_proposals(memory, padding_mask, spatial_shapes)
+        memory = self.enc_output_norm(self.enc_output(memory))
+        logits = self.enc_class_head(memory)  # (B, S, K)
+        boxes_unsig = self.enc_box_head(memory) + proposals  # (B, S, 4), refined proposals
+        topk = logits.max(-1)[0].topk(Q, dim=1)[1]  # (B, Q) by best class score
+        anchors_unsig = boxes_unsig.gather(1, topk[..., None].expand(-1, -1, 4))
+        interm = {"pred_logits": logits.gather(1, topk[..., None].expand(-1, -1, logits.shape[-1])),
+                  "pred_boxes": anchors_unsig.sigmoid()}
+        # the selected boxes are the anchors (detached); the content queries are not taken from the
+        # encoder but learned: that is what makes the query selection "mixed" (Sec. 3.4)
+        content = self.content_queries.weight[None].expand(B, -1, -1)
+        return content, anchors_unsig.detach(), interm
+
+    def forward(self, images: Tensor, mask: Tensor | None = None, targets: list[dict] | None = None) -> dict:
+        """images (B, 3, H, W) normalised and zero-padded; mask (B, H, W) True on padding;
+        targets (training with denoising only): [{"labels": (G_b,), "boxes": (G_b, 4)}] * B.
+
+        Returns {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4), "aux_outputs": [{...}] * 5,
+        "interm_outputs": {...}}, plus "dn_outputs" and "dn_queries" when denoising queries were added.
+        """
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
+        srcs, masks = self.multi_scale_features(images, mask)
+        return self.detect(srcs, masks, targets)
+
+    def detect(self, srcs: list[Tensor], masks: list[Tensor], targets: list[dict] | None = None) -> dict:
+        """The transformer and the heads on L feature maps srcs[l] (B, C, H_l, W_l), masks[l] (B, H_l, W_l)."""
+        C = self.cfg.hidden_dim
+        shapes = [tuple(s.shape[-2:]) for s in srcs]
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)  # (L, 2)
+        level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+        pos = [sine_position_embedding(m, C // 2, self.cfg.pe_temperature).to(s.dtype) for m, s in zip(masks, srcs)]
+        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
+        pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl] for lvl, p in enumerate(pos)], 1)
+        padding_mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
+        ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
+
+        memory = self.encoder(src, pos, spatial_shapes, level_start_index, ratios, padding_mask)
+        content, anchors_unsig, interm = self.mixed_query_selection(memory, padding_mask, shapes)
+
+        dn = None
+        if self.training and targets is not None and self.cfg.dn_number > 0:
+            dn = build_cdn_queries(targets, self.dn_label_embed, self.cfg.num_classes, self.cfg.num_queries,
+                                   self.cfg.dn_number, self.cfg.dn_box_noise_scale, self.cfg.dn_label_noise_ratio)
+        if dn is not None:
+            content = torch.cat([dn.content, content], 1)
+            anchors_unsig = torch.cat([inverse_sigmoid(dn.boxes), anchors_unsig], 1)
+        hidden_states, references = self.decoder(
+            content, anchors_unsig.sigmoid(), memory, spatial_shapes, level_start_index, ratios, padding_mask,
+            dn.attn_mask if dn is not None else None, self.box_head)
+
+        logits = [self.class_head(h) for h in hidden_states]
+        boxes = [(self.box_head(h) + inverse_sigmoid(ref)).sigmoid() for h, ref in zip(hidden_states, references)]
+        D = dn.content.shape[1] if dn is not None else 0
+        out = _layer_outputs([l[:, D:] for l in logits], [b[:, D:] for b in boxes])
+        out["interm_outputs"] = interm
+        if dn is not None:
+            out["dn_outputs"] = _layer_outputs([l[:, :D] for l in logits], [b[:, :D] for b in boxes])
+            out["dn_queries"] = dn
+        return out
+
+
+def _layer_outputs(logits: list[Tensor], boxes: list[Tensor]) -> dict:
+    """Last layer's predictions plus the earlier layers' as "aux_outputs"."""
+    return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
+            "aux_outputs": [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits[:-1], boxes[:-1])]}
+
+
+def build_dino(backbone: str = "r50", num_classes: int = 91, pretrained_backbone: bool = False, **overrides) -> DINO:
+    """DINO-4scale with `backbone` in ("r50", "swinl", "r18"); overrides are Config fields
+    (hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, num_queries, ...).
+    `pretrained_backbone` fetches torchvision's ImageNet weights (ResNets only)."""
+    cfg = make_config(backbone=backbone, num_classes=num_classes, **overrides)
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
+    if cfg.hidden_dim % 32:
+        raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projections), "
+                         f"got {cfg.hidden_dim}")
+    body = build_backbone(cfg.backbone, pretrained_backbone, cfg.drop_path_rate, cfg.backbone_checkpointing)
+    return DINO(cfg, body)
+
+
+@torch.no_grad()
+def postprocess(outputs: dict, target_sizes, num_select: int = Config.num_select) -> list[dict]:
+    """The num_select best (query, class) pairs of each image, over all Q*K sigmoid scores, as in
+    official DINO. target_sizes (B, 2) (height, width) of the original images.
+    Returns per image {"scores": (n,), "labels": (n,), "boxes": (n, 4) absolute x1y1x2y2}."""
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    B, Q, K = logits.shape
+    target_sizes = torch.as_tensor(target_sizes, device=boxes.device)
+    if target_sizes.shape != (B, 2):
+        raise ValueError(f"target_sizes must be (batch, 2) = ({B}, 2) (height, width), got {tuple(target_sizes.shape)}")
+    scores, index = logits.sigmoid().view(B, -1).topk(min(num_select, Q * K), dim=1)
+    query, labels = index // K, index % K
+    boxes_xyxy = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))
+    h, w = target_sizes.to(boxes.dtype).unbind(1)
+    boxes_xyxy = boxes_xyxy * torch.stack([w, h, w, h], 1)[:, None]
+    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes_xyxy)]
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+# Official DINO parameter names (IDEA-Research/DINO, as in checkpoint0011_4scale.pth) -> ours. Applied in
+# order, first match wins. The official model registers its shared heads under 12 aliases
+# (class_embed.{0..5} and transformer.decoder.class_embed.{0..5}, likewise bbox_embed); all map to one tensor.
+OFFICIAL_NAME_MAP = [
+    (r"^backbone\.0\.body\.", "backbone.body."),                    # ResNet
+    (r"^backbone\.0\.", "backbone.body."),                          # Swin
+    (r"^transformer\.level_embed$", "level_embed"),
+    (r"^transformer\.encoder\.layers\.(\d+)\.norm1\.", r"encoder.layers.\1.self_attn_norm."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.norm2\.", r"encoder.layers.\1.ffn_norm."),
+    (r"^transformer\.(en|de)coder\.layers\.(\d+)\.linear(\d)\.", r"\1coder.layers.\2.ffn.linear\3."),
+    (r"^transformer\.encoder\.", "encoder."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norm1\.", r"decoder.layers.\1.cross_attn_norm."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norm2\.", r"decoder.layers.\1.self_attn_norm."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norm3\.", r"decoder.layers.\1.ffn_norm."),
+    (r"^transformer\.decoder\.ref_point_head\.", "decoder.query_pos_head."),
+    (r"^(transformer\.decoder\.)?class_embed\.\d+\.", "class_head."),
+    (r"^(transformer\.decoder\.)?bbox_embed\.\d+\.", "box_head."),
+    (r"^transformer\.decoder\.", "decoder."),
+    (r"^transformer\.tgt_embed\.", "content_queries."),
+    (r"^transformer\.enc_output\.", "enc_output."),
+    (r"^transformer\.enc_output_norm\.", "enc_output_norm."),
+    (r"^transformer\.enc_out_class_embed\.", "enc_class_head."),
+    (r"^transformer\.enc_out_bbox_embed\.", "enc_box_head."),
+    (r"^label_enc\.", "dn_label_embed."),
+    (r"^input_proj\.", "input_proj."),
+]
+# tensors whose size depends on the number of classes: re-initialised when fine-tuning to other classes
+CLASS_SPECIFIC = ("class_head.", "enc_class_head.", "dn_label_embed.")
+
+
+def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official DINO state dict -> ours (see OFFICIAL_NAME_MAP). Aliases of a shared tensor must agree."""
+    ours: dict[str, Tensor] = {}
+    unknown = []
+    for name, tensor in official.items():
+        for pattern, replacement in OFFICIAL_NAME_MAP:
+            new_name, n = re.subn(pattern, replacement, name)
+            if n:
+                break
+        else:
+            unknown.append(name)
+            continue
+        if new_name in ours and not torch.equal(ours[new_name], tensor):
+            raise ValueError(f"official key {name} is an alias of {new_name} but holds different values: "
+                             f"a model without shared decoder heads is not supported")
+        ours[new_name] = tensor
+    if unknown:
+        raise ValueError(f"official DINO keys with no counterpart here: {unknown[:10]}"
+                         f"{' ...' if len(unknown) > 10 else ''}")
+    return ours
+
+
+def _read_checkpoint(path: str) -> dict:
+    # official checkpoints also hold their argparse.Namespace of settings: allow just that class
+    import argparse
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+        except Exception as e:
+            raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e}); if it holds "
+                             f"objects other than tensors, re-save just its state dict") from e
+
+
+def load_checkpoint(model: DINO, path_or_state_dict, ignore_class_heads: bool = False) -> list[str]:
+    """Load our checkpoints or official DINO release checkpoints into `model`.
+
+    Accepts a file path, a `{"model": state_dict, ...}` dict or a bare state dict, with official names
+    (mapped by OFFICIAL_NAME_MAP) or ours, optionally prefixed "module." (DistributedDataParallel).
+    Strict: a missing, unexpected or differently shaped tensor is an error, except that with
+    ignore_class_heads=True the class-specific tensors (CLASS_SPECIFIC) are left as they are, for
+    fine-tuning to another number of classes. Returns the names left at their initial values.
+    """
+    source = path_or_state_dict
+    where = source if isinstance(source, str) else "the given state dict"
+    if isinstance(source, str):
+        source = _read_checkpoint(source)
+    state = source.get("model", source) if isinstance(source, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{where} holds no state dict (expected tensors under 'model' or at the top level)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("transformer.") for k in state):
+        state = convert_official_state_dict(state)
+    own = model.state_dict()
+    kept = []
+    if ignore_class_heads:
+        kept = sorted(k for k in own if k.startswith(CLASS_SPECIFIC))
+        state = {k: v for k, v in state.items() if not k.startswith(CLASS_SPECIFIC)}
+    missing = sorted(own.keys() - state.keys() - set(kept))
+    unexpected = sorted(state.keys() - own.keys())
+    wrong = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in sorted(own.keys() & state.keys())
+             if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        hint = ""
+        if wrong and all(k.startswith(CLASS_SPECIFIC) for k, *_ in wrong):
+            hint = " (another number of classes: pass ignore_class_heads=True to fine-tune)"
+        raise ValueError(f"{where} does not fit this model{hint}: missing {missing[:8]}, unexpected "
+                         f"{unexpected[:8]}, wrong shape (checkpoint, model) {wrong[:8]}")
+    model.load_state_dict(state, strict=not ignore_class_heads)
+    return kept

@@ -1,0 +1,122 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from backbone import Swin, SwinTransformer, build_backbone, load_swin_checkpoint
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@pytest.mark.parametrize("name, channels", [("r18", [128, 256, 512]), ("r50", [512, 1024, 2048])])
+def test_resnet_gives_strides_8_16_32(name, channels):
+    backbone = build_backbone(name).eval()
+    assert backbone.num_channels == channels
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 100, 150))
+    assert [tuple(f.shape[1:]) for f in features] == [(channels[0], 13, 19), (channels[1], 7, 10), (channels[2], 4, 5)]
+
+
+def test_swin_l_gives_strides_8_16_32_on_odd_sizes():
+    backbone = build_backbone("swinl").eval()
+    assert backbone.num_channels == [384, 768, 1536]
+    official = json.loads((REFERENCE / "official_swinl_keys.json").read_text())
+    official_count = sum(math.prod(shape) for name, shape in official.items()
+                         if name.startswith("backbone.0.") and not name.endswith("relative_position_index"))
+    assert sum(p.numel() for p in backbone.parameters()) == official_count
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 100, 150))
+    assert [tuple(f.shape[1:]) for f in features] == [(384, 13, 19), (768, 7, 10), (1536, 4, 5)]
+
+
+def small_swin(**overrides):
+    return SwinTransformer(**{**dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4),
+                              **overrides})
+
+
+def test_swin_shifted_windows_do_not_mix_regions():
+    """A token's output depends only on tokens of its own window (W-MSA) or shifted window (SW-MSA);
+    with one block, changing a far corner leaves the opposite corner untouched."""
+    swin = small_swin(depths=(1, 1, 1, 1), drop_path_rate=0.0).eval().double()
+    image = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    changed = image.clone()
+    changed[..., 48:, 48:] += 1.0  # bottom-right patch of the 16x16 token grid
+    stage0 = lambda img: swin.layers[0].blocks[0](swin.patch_embed.norm(swin.patch_embed.proj(img).flatten(2).transpose(1, 2)), 16, 16, None)
+    a, b = stage0(image).view(16, 16, -1), stage0(changed).view(16, 16, -1)
+    torch.testing.assert_close(a[:12, :12], b[:12, :12], rtol=0, atol=0)
+    assert not torch.allclose(a[12:, 12:], b[12:, 12:])
+
+
+def test_swin_activation_checkpointing_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = small_swin(drop_path_rate=0.3).train()
+    checkpointed = small_swin(drop_path_rate=0.3).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    for stage in checkpointed.layers:
+        stage.activation_checkpointing = True
+    image = torch.randn(2, 3, 50, 70)
+    torch.manual_seed(1)
+    out_plain = plain(image)
+    torch.manual_seed(1)
+    out_ckpt = checkpointed(image)
+    for a, b in zip(out_plain, out_ckpt):
+        torch.testing.assert_close(a, b)
+    sum(o.sum() for o in out_plain).backward()
+    sum(o.sum() for o in out_ckpt).backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def fake_swin_classification_checkpoint(swin: Swin) -> dict:
+    """What microsoft/Swin-Transformer's swin_large_patch4_window12_384_22k.pth holds: our stages' weights
+    plus the classifier (head, 21841 classes), its final norm and the shifted blocks' attn_mask buffers."""
+    state = {k: torch.randn_like(v.float()) if v.is_floating_point() else v.clone()
+             for k, v in swin.body.state_dict().items() if not k.startswith(("norm1", "norm2", "norm3"))}
+    for i, depth in enumerate((2, 2, 18)):
+        for j in range(1, depth, 2):
+            state[f"layers.{i}.blocks.{j}.attn_mask"] = torch.zeros(4, 144, 144)
+    state.update({"norm.weight": torch.ones(1536), "norm.bias": torch.zeros(1536),
+                  "head.weight": torch.zeros(21841, 1536), "head.bias": torch.zeros(21841)})
+    return {"model": state}
+
+
+def test_swin_checkpoint_loads():
+    swin = build_backbone("swinl")
+    checkpoint = fake_swin_classification_checkpoint(swin)
+    norm_before = swin.body.norm2.weight.clone()
+    report = load_swin_checkpoint(swin, checkpoint)
+    assert "head.weight" in report["skipped"] and "layers.0.blocks.1.attn_mask" in report["skipped"]
+    assert report["initialised"] == [f"norm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")]
+    state = checkpoint["model"]
+    assert torch.equal(swin.body.layers[2].blocks[17].mlp.fc2.weight, state["layers.2.blocks.17.mlp.fc2.weight"])
+    assert torch.equal(swin.body.patch_embed.proj.weight, state["patch_embed.proj.weight"])
+    assert torch.equal(swin.body.norm2.weight, norm_before)
+
+
+def test_swin_checkpoint_of_another_window_size_is_refused():
+    swin = build_backbone("swinl")
+    checkpoint = fake_swin_classification_checkpoint(swin)
+    checkpoint["model"]["layers.0.blocks.0.attn.relative_position_bias_table"] = torch.zeros(169, 6)  # window 7
+    with pytest.raises(ValueError, match="relative_position_bias_table"):
+        load_swin_checkpoint(swin, checkpoint)
+
+
+def test_resnet_loads_torchvision_imagenet_weights_from_the_hub_cache(tmp_path, monkeypatch):
+    """The real `pretrained=True` path, fed from a cache file (no download): torchvision's weights file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    reference = torchvision.models.resnet18()  # plain BatchNorm, as in torchvision's file
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / weights.url.rsplit("/", 1)[1])
+    backbone = build_backbone("r18", pretrained=True)
+    assert torch.equal(backbone.body.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    assert torch.equal(backbone.body.bn1.running_var, reference.bn1.running_var)
+
+
+def test_swin_has_no_torchvision_download():
+    with pytest.raises(ValueError, match="load_swin_checkpoint"):
+        build_backbone("swinl", pretrained=True)

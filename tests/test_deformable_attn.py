@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from deformable_attn import MSDeformAttn
+from msda_cuda import ms_deform_attn, ms_deform_attn_reference
+
+
+def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
+    """One point at a time: bilinear interpolation written out, zero outside the map."""
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    out = value.new_zeros(B, Q, M, D)
+    start = 0
+    for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+        v = value[:, start:start + H * W].view(B, H, W, M, D)
+        for b in range(B):
+            for q in range(Q):
+                for m in range(M):
+                    for p in range(P):
+                        x = sampling_locations[b, q, m, lvl, p, 0] * W - 0.5
+                        y = sampling_locations[b, q, m, lvl, p, 1] * H - 0.5
+                        x0, y0 = int(torch.floor(x)), int(torch.floor(y))
+                        sample = value.new_zeros(D)
+                        for yy in (y0, y0 + 1):
+                            for xx in (x0, x0 + 1):
+                                if 0 <= yy < H and 0 <= xx < W:
+                                    weight = (1 - abs(x - xx)) * (1 - abs(y - yy))
+                                    sample = sample + weight * v[b, yy, xx, m]
+                        out[b, q, m] += attention_weights[b, q, m, lvl, p] * sample
+        start += H * W
+    return out.view(B, Q, M * D)
+
+
+def random_inputs(shapes, B=2, Q=5, M=2, D=3, P=3, dtype=torch.float64, requires_grad=False):
+    spatial_shapes = torch.tensor(shapes, dtype=torch.long)
+    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+    S, L = int(spatial_shapes.prod(1).sum()), len(shapes)
+    value = torch.randn(B, S, M, D, dtype=dtype)
+    # locations reach beyond [0, 1] so that the zero padding outside the map is exercised
+    locations = torch.rand(B, Q, M, L, P, 2, dtype=dtype) * 1.4 - 0.2
+    weights = torch.rand(B, Q, M, L, P, dtype=dtype)
+    weights = weights / weights.sum((-1, -2), keepdim=True)
+    for t in (value, locations, weights):
+        t.requires_grad_(requires_grad)
+    return value, spatial_shapes, level_start_index, locations, weights
+
+
+@pytest.mark.parametrize("shapes", [[(6, 4), (3, 2)], [(5, 7)], [(1, 1), (4, 3), (2, 5)]])
+def test_reference_matches_naive_bilinear_loop(shapes):
+    value, spatial_shapes, level_start_index, locations, weights = random_inputs(shapes)
+    expected = naive_ms_deform_attn(value, spatial_shapes, locations, weights)
+    got = ms_deform_attn_reference(value, spatial_shapes, level_start_index, locations, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_gradcheck_float64():
+    inputs = random_inputs([(4, 3), (2, 2)], B=1, Q=3, M=2, D=2, P=2, requires_grad=True)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    # random locations lie off the pixel-centre grid lines, where bilinear sampling has kinks
+    fn = lambda v, loc, w: ms_deform_attn_reference(v, spatial_shapes, level_start_index, loc, w)
+    assert torch.autograd.gradcheck(fn, (value, locations, weights))
+
+
+def test_entry_point_is_the_reference_on_cpu():
+    args = random_inputs([(6, 4), (3, 2)])
+    torch.testing.assert_close(ms_deform_attn(*args), ms_deform_attn_reference(*args), rtol=0, atol=0)
+
+
+def test_module_locations_from_points_and_boxes():
+    """Points: offsets in pixels of each level. Boxes: offsets in half box sizes divided by P."""
+    torch.manual_seed(0)
+    C, L, M, P = 8, 2, 2, 3
+    attn = MSDeformAttn(C, L, M, P).double()
+    shapes = torch.tensor([[6, 4], [3, 2]])
+    start = torch.tensor([0, 24])
+    query, value = torch.randn(1, 4, C, dtype=torch.float64), torch.randn(1, 30, C, dtype=torch.float64)
+    offsets = attn.sampling_offsets(query).view(1, 4, M, L, P, 2)
+    weights = attn.attention_weights(query).view(1, 4, M, L * P).softmax(-1).view(1, 4, M, L, P)
+    v = attn.value_proj(value).view(1, 30, M, C // M)
+
+    points = torch.rand(1, 4, L, 2, dtype=torch.float64)
+    size = torch.stack([shapes[:, 1], shapes[:, 0]], -1).double().view(1, 1, 1, L, 1, 2)
+    loc = points[:, :, None, :, None] + offsets / size
+    expected = attn.output_proj(ms_deform_attn_reference(v, shapes, start, loc, weights))
+    torch.testing.assert_close(attn(query, points, value, shapes, start), expected)
+
+    boxes = torch.rand(1, 4, L, 4, dtype=torch.float64)
+    loc = boxes[:, :, None, :, None, :2] + offsets * boxes[:, :, None, :, None, 2:] / (2 * P)
+    expected = attn.output_proj(ms_deform_attn_reference(v, shapes, start, loc, weights))
+    torch.testing.assert_close(attn(query, boxes, value, shapes, start), expected)
+
+
+def test_padding_mask_zeroes_the_values():
+    attn = MSDeformAttn(8, 1, 2, 2).double()
+    shapes, start = torch.tensor([[3, 3]]), torch.tensor([0])
+    query, points = torch.randn(1, 2, 8, dtype=torch.float64), torch.rand(1, 2, 1, 2, dtype=torch.float64)
+    value = torch.randn(1, 9, 8, dtype=torch.float64)
+    mask = torch.zeros(1, 9, dtype=torch.bool)
+    mask[0, 5:] = True
+    garbage = value.clone()
+    garbage[0, 5:] = 1e6
+    torch.testing.assert_close(attn(query, points, value, shapes, start, mask),
+                               attn(query, points, garbage, shapes, start, mask))
+
+
+def test_initial_offsets_point_along_each_heads_direction():
+    attn = MSDeformAttn(16, 2, 8, 3)
+    bias = attn.sampling_offsets.bias.view(8, 2, 3, 2)
+    # head 0 looks right, head 2 down (y grows downwards), head 4 left; point k at distance k + 1
+    torch.testing.assert_close(bias[0, 0, :, 0], torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(bias[2, 1, :, 1], torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(bias[4, 0, :, 0], torch.tensor([-1.0, -2.0, -3.0]))

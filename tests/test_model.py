@@ -1,0 +1,253 @@
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_dino
+from model import (box_sine_embedding, build_dino, encoder_proposals, inverse_sigmoid, load_checkpoint,
+                   postprocess, sine_position_embedding)
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def test_output_shapes():
+    model = tiny_dino().eval()
+    out = model(torch.randn(2, 3, 96, 128))
+    assert out["pred_logits"].shape == (2, 30, 5)
+    assert out["pred_boxes"].shape == (2, 30, 4)
+    assert len(out["aux_outputs"]) == 1  # dec_layers - 1
+    assert out["aux_outputs"][0]["pred_boxes"].shape == (2, 30, 4)
+    assert out["interm_outputs"]["pred_logits"].shape == (2, 30, 5)
+    assert "dn_outputs" not in out
+    boxes = out["pred_boxes"]
+    assert ((boxes >= 0) & (boxes <= 1)).all()
+
+
+def test_float64_forward():
+    model = tiny_dino().eval().double()
+    out = model(torch.randn(1, 3, 96, 128, dtype=torch.float64))
+    assert out["pred_logits"].dtype == out["pred_boxes"].dtype == torch.float64
+
+
+def test_images_in_a_batch_do_not_affect_each_other():
+    model = tiny_dino().eval().double()
+    images = torch.randn(2, 3, 96, 128, dtype=torch.float64)
+    with torch.no_grad():
+        batched = model(images)
+        alone = model(images[1:])
+    torch.testing.assert_close(batched["pred_logits"][1:], alone["pred_logits"])
+    torch.testing.assert_close(batched["pred_boxes"][1:], alone["pred_boxes"])
+
+
+def test_padded_image_gives_the_same_detections_as_alone():
+    """The transformer never reads padding: the same valid features, padded with large garbage inside a
+    larger batch, give the outputs they give alone. Two official-DINO details let padding in on purpose:
+    the input projections' GroupNorm sees it (so the comparison starts after them), and the decoder's
+    positional query encodes the anchor in units of the padded level-0 map (so the decoder's outputs move
+    slightly with the padded size: a tolerance there, exactness up to float32 positions before it)."""
+    model = tiny_dino().eval().double()
+    # Padding tokens are invalid proposals; official DINO lets them compete in the top-Q selection with
+    # the score of a zero memory. A zero bias makes that score the prior (-4.6), below every top-Q token.
+    torch.nn.init.zeros_(model.enc_output.bias)
+    image = torch.randn(1, 3, 96, 128, dtype=torch.float64)
+    with torch.no_grad():
+        srcs, masks = model.multi_scale_features(image, torch.zeros(1, 96, 128, dtype=torch.bool))
+        alone = model.detect(srcs, masks)
+        padded_srcs, padded_masks = [], []
+        for s in srcs:
+            H, W = s.shape[-2:]
+            big = torch.randn(2, s.shape[1], H + 3, W + 2, dtype=torch.float64) * 100  # garbage
+            big[0, :, :H, :W] = s[0]
+            big_mask = torch.ones(2, H + 3, W + 2, dtype=torch.bool)
+            big_mask[0, :H, :W] = False
+            big_mask[1] = False
+            padded_srcs.append(big)
+            padded_masks.append(big_mask)
+        padded = model.detect(padded_srcs, padded_masks)
+    for key in ("pred_logits", "pred_boxes"):  # encoder and query selection: exact up to float32 positions
+        torch.testing.assert_close(padded["interm_outputs"][key][:1], alone["interm_outputs"][key],
+                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(padded[key][:1], alone[key], rtol=0, atol=0.03)
+    detections_alone = postprocess(alone, [[96, 128]], num_select=5)[0]
+    detections_padded = postprocess(padded, [[96, 128], [1, 1]], num_select=5)[0]
+    assert torch.equal(detections_alone["labels"], detections_padded["labels"])
+    torch.testing.assert_close(detections_alone["boxes"], detections_padded["boxes"], rtol=0, atol=2.0)
+
+
+def test_gradients_reach_every_trainable_parameter():
+    model = tiny_dino().train()
+    with torch.no_grad():  # leave the zero initialisations (box heads' last layers, offsets), which block gradients
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.2, 0.3, 0.1, 0.2]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.3]])}]
+    out = model(torch.randn(2, 3, 96, 128), targets=targets)
+    outputs = [out, out["interm_outputs"], out["dn_outputs"], *out["aux_outputs"], *out["dn_outputs"]["aux_outputs"]]
+    loss = sum(o["pred_logits"].sum() + o["pred_boxes"].sum() for o in outputs)
+    loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert not [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("backbone.body.conv1", "backbone.body.layer1")) for n in frozen)
+
+
+def test_look_forward_twice_trains_the_previous_layers_box_prediction():
+    """Layer i's boxes refine layer i-1's refined boxes with their gradient (Sec. 3.5), while layer i
+    itself starts from them detached."""
+    model = tiny_dino(dec_layers=3).train()
+    captured = {}
+    model.decoder.register_forward_hook(lambda module, args, output: captured.update(references=output[1]))
+    model(torch.randn(1, 3, 96, 128))
+    first, *later = captured["references"]
+    assert not first.requires_grad  # the selected anchors are detached (Sec. 3.4)
+    assert all(r.requires_grad for r in later)
+    grad = torch.autograd.grad(later[0].sum(), model.box_head.layers[2].bias)[0]
+    assert grad.abs().sum() > 0
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_dino().eval()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict()}, path)
+    fresh = tiny_dino().eval()
+    assert load_checkpoint(fresh, str(path)) == []
+    images = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images)["pred_logits"], model(images)["pred_logits"], rtol=0, atol=0)
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    model = tiny_dino()
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_checkpoint(model, str(tmp_path / "nope.pth"))
+    state = model.state_dict()
+    del state["level_embed"]
+    with pytest.raises(ValueError, match="missing.*level_embed"):
+        load_checkpoint(model, state)
+    other = tiny_dino(num_classes=7).state_dict()
+    with pytest.raises(ValueError, match="ignore_class_heads"):
+        load_checkpoint(model, other)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        load_checkpoint(model, str(tmp_path / "junk.pth"))
+
+
+def test_fine_tuning_to_another_number_of_classes_keeps_the_new_heads():
+    source = tiny_dino(num_classes=7)
+    model = tiny_dino(num_classes=3)
+    head_before = model.class_head.weight.clone()
+    kept = load_checkpoint(model, {"model": source.state_dict()}, ignore_class_heads=True)
+    assert set(kept) == {"class_head.weight", "class_head.bias", "enc_class_head.weight", "enc_class_head.bias",
+                         "dn_label_embed.weight"}
+    assert torch.equal(model.class_head.weight, head_before)
+    assert torch.equal(model.level_embed, source.level_embed)
+
+
+def fake_official_state_dict(key_list: dict) -> dict:
+    """Random tensors under every official name, in order; the shared heads' 12 aliases share one tensor."""
+    shared = {}
+    state = {}
+    for name, shape in key_list.items():
+        alias = re.match(r"^(transformer\.decoder\.)?(class|bbox)_embed\.\d+\.(.*)$", name)
+        if alias:
+            state[name] = shared.setdefault(f"{alias[2]}.{alias[3]}", torch.randn(shape))
+        elif name.endswith("relative_position_index"):
+            state[name] = torch.zeros(shape, dtype=torch.long)
+        else:
+            state[name] = torch.randn(shape)
+    return state
+
+
+@pytest.mark.parametrize("backbone, key_file", [("r50", "official_r50_keys.json"), ("swinl", "official_swinl_keys.json")])
+def test_official_checkpoints_load_strictly(backbone, key_file, tmp_path):
+    key_list = json.loads((REFERENCE / key_file).read_text())
+    official = fake_official_state_dict(key_list)
+    assert list(official) == list(key_list)
+    model = build_dino(backbone)
+    source = {"model": official, "epoch": 11}
+    if backbone == "r50":  # through a file as well (Swin-L's would be 870 MB)
+        source = tmp_path / "checkpoint0011_4scale.pth"
+        torch.save({"model": official, "epoch": 11}, source)
+        source = str(source)
+    assert load_checkpoint(model, source) == []
+    assert torch.equal(model.class_head.weight, official["class_embed.0.weight"])
+    assert torch.equal(model.box_head.layers[2].bias, official["transformer.decoder.bbox_embed.5.layers.2.bias"])
+    assert torch.equal(model.decoder.layers[3].self_attn_norm.weight, official["transformer.decoder.layers.3.norm2.weight"])
+    assert torch.equal(model.content_queries.weight, official["transformer.tgt_embed.weight"])
+    assert torch.equal(model.dn_label_embed.weight, official["label_enc.weight"])
+    first_backbone_key = next(k for k in key_list if k.startswith("backbone.0."))
+    ours = model.state_dict()[first_backbone_key.replace("backbone.0.body.", "backbone.body.").replace("backbone.0.", "backbone.body.")]
+    assert torch.equal(ours, official[first_backbone_key])
+    assert sum(p.numel() for p in model.parameters()) == {"r50": 46_893_182, "swinl": 217_230_066}[backbone]
+
+
+def test_official_checkpoint_with_unshared_heads_is_refused():
+    key_list = json.loads((REFERENCE / "official_r50_keys.json").read_text())
+    official = fake_official_state_dict(key_list)
+    official["class_embed.3.weight"] = torch.randn_like(official["class_embed.3.weight"])
+    with pytest.raises(ValueError, match="class_embed.3.weight"):
+        load_checkpoint(build_dino("r50"), official)
+
+
+def test_sine_position_embedding_follows_the_valid_region():
+    mask = torch.zeros(1, 4, 6, dtype=torch.bool)
+    mask[0, :, 3:] = True
+    pos = sine_position_embedding(mask, num_feats=8, temperature=20)
+    assert pos.shape == (1, 16, 4, 6)
+    # x channels (second half): the last valid column is at 2*pi, feature 0 is sin(2*pi) = 0
+    x_feat0 = pos[0, 8, 0]
+    torch.testing.assert_close(x_feat0[2], torch.tensor(math.sin(2 * math.pi * 3 / (3 + 1e-6))), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_feat0[0], torch.tensor(math.sin(2 * math.pi / 3)), atol=1e-5, rtol=0)
+
+
+def test_box_sine_embedding_orders_y_x_w_h():
+    boxes = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]], dtype=torch.float64)
+    emb = box_sine_embedding(boxes, num_feats=4)
+    first_sin = emb[0, 0, ::4]  # feature 0 of each coordinate: sin(2*pi*v)
+    torch.testing.assert_close(first_sin, torch.sin(2 * math.pi * boxes[0, 0, [1, 0, 2, 3]]))
+
+
+def test_encoder_proposals_mark_padding_and_border_tokens_invalid():
+    memory = torch.ones(1, 60 * 2 + 1, 4)
+    padding = torch.zeros(1, 121, dtype=torch.bool)
+    padding[0, 120] = True  # the single token of level 1
+    out_memory, proposals = encoder_proposals(memory, padding, [(2, 60), (1, 1)])
+    # level 0 is 60 wide: x = 0.5 / 60 < 0.01 in column 0, (59.5) / 60 > 0.99 in column 59
+    assert torch.isinf(proposals[0, 0]).all() and torch.isinf(proposals[0, 59]).all()
+    assert torch.isfinite(proposals[0, 1]).all()
+    torch.testing.assert_close(proposals[0, 1].sigmoid(), torch.tensor([1.5 / 60, 0.25, 0.05, 0.05]))
+    assert torch.isinf(proposals[0, 120]).all() and (out_memory[0, 120] == 0).all()
+    assert (out_memory[0, 0] == 0).all() and (out_memory[0, 1] == 1).all()
+
+
+def test_inverse_sigmoid_clamps_like_official():
+    x = torch.tensor([0.0, 0.5, 1.0, 0.2])
+    torch.testing.assert_close(inverse_sigmoid(x), torch.log(torch.tensor([1e-3 / 1, 1.0, 1 / 1e-3, 0.25])))
+
+
+def test_postprocess_picks_the_best_query_class_pairs():
+    logits = torch.full((1, 3, 2), -10.0)
+    logits[0, 2, 1] = 3.0
+    logits[0, 0, 0] = 1.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1], [0.25, 0.5, 0.5, 1.0]]])
+    result = postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]), num_select=2)[0]
+    assert result["labels"].tolist() == [1, 0]
+    torch.testing.assert_close(result["scores"], torch.tensor([3.0, 1.0]).sigmoid())
+    torch.testing.assert_close(result["boxes"], torch.tensor([[0.0, 0.0, 100.0, 100.0], [80.0, 30.0, 120.0, 70.0]]))
+    with pytest.raises(ValueError, match="target_sizes"):
+        postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([100, 200]))
+
+
+def test_too_many_queries_for_a_tiny_image_is_a_clear_error():
+    with pytest.raises(ValueError, match="num_queries"):
+        tiny_dino(num_queries=900).eval()(torch.randn(1, 3, 64, 64))
+
+
+def test_unknown_hyperparameter_is_a_clear_error():
+    with pytest.raises(TypeError, match="hidden_dimm"):
+        build_dino("r18", hidden_dimm=3)
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        build_dino("vgg")
