@@ -28,6 +28,15 @@ class Config:
     dn_number: int = 100                # DN queries per image: groups = dn_number // (largest object count)
     dn_box_noise_scale: float = 0.4     # lambda_1; negatives get noise in [lambda_1, 2 * lambda_1)
     dn_label_noise_ratio: float = 0.5   # a DN label is flipped with probability dn_label_noise_ratio / 2
+    # Hungarian matching (DETR arXiv 2005.12872v3 Sec. 3.1) and the loss (DINO Sec. 4.1: focal, L1, GIoU)
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    cls_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
     # inference
     num_select: int = 300               # detections kept per image by postprocess
 

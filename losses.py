@@ -1,0 +1,91 @@
+"""The DINO training objective: DINO (arXiv 2203.03605v4) Sec. 3.3 and 4.1, on DETR's set loss
+(arXiv 2005.12872v3 Sec. 3.1, Eq. 2).
+
+For a set of predictions and an assignment of predictions to objects:
+    L = 1.0 * focal(classes) + 5.0 * L1(boxes) + 2.0 * (1 - GIoU(boxes)),
+each term summed and divided by the number of objects (averaged over processes in distributed
+training). The focal loss (alpha 0.25, gamma 2) sees every query: matched ones learn their object's
+class, all others learn "no object" (all K sigmoids towards 0).
+
+The same L is applied to
+- the last decoder layer and every earlier one ("_0" ... "_4"), assigned by Hungarian matching;
+- the encoder's selected proposals ("_interm"), matched the same way;
+- the denoising queries of every layer ("_dn", "_dn_0", ...), with their known assignment: a positive
+  query reconstructs its object; negatives and padding queries get no object and so learn "no
+  object" through the class term alone (Sec. 3.3). Normalised by the number of objects times groups.
+Differs from official DINO: no logging-only terms (class_error, cardinality), and the DN terms are
+present only when denoising queries were built.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from config import Config, make_config
+from matcher import hungarian_match
+
+
+def set_loss(logits: Tensor, boxes_cxcywh: Tensor, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
+             num_boxes: float, alpha: float = 0.25, gamma: float = 2.0) -> dict[str, Tensor]:
+    """logits (B, Q, K), boxes_cxcywh (B, Q, 4); indices per image (query_idx, target_idx).
+    Returns the unweighted terms {"loss_ce", "loss_bbox", "loss_giou"}."""
+    batch = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
+    query = torch.cat([q for q, _ in indices])
+    target_classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+    onehot = torch.zeros_like(logits)
+    onehot[batch, query, target_classes] = 1.0
+    loss_ce = sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum") / num_boxes
+
+    src = boxes_cxcywh[batch, query]  # (N, 4)
+    tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)
+    loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+    giou = generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy")).diagonal()
+    loss_giou = (1 - giou).sum() / num_boxes
+    return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+
+class Criterion:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.weights = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
+
+    def match(self, out: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        c = self.cfg
+        return hungarian_match(out["pred_logits"], out["pred_boxes"], targets, c.set_cost_class, c.set_cost_bbox,
+                               c.set_cost_giou, c.focal_alpha, c.focal_gamma)
+
+    def __call__(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        """outputs from DINO.forward; targets[b] = {"labels": (G_b,) int64, "boxes": (G_b, 4) cxcywh}.
+        Returns every unweighted term plus "loss", their weighted sum."""
+        c = self.cfg
+        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=outputs["pred_logits"].device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num_boxes)
+            num_boxes = num_boxes / dist.get_world_size()
+        num_boxes = num_boxes.clamp(min=1).item()
+
+        # (suffix, predictions, assignment, normaliser) for every set of predictions that is supervised
+        sets = [("", outputs, None, num_boxes), ("_interm", outputs["interm_outputs"], None, num_boxes)]
+        sets += [(f"_{i}", aux, None, num_boxes) for i, aux in enumerate(outputs["aux_outputs"])]
+        if "dn_outputs" in outputs:
+            dn = outputs["dn_queries"]
+            known = dn.positive_indices([len(t["labels"]) for t in targets])
+            dn_out, dn_boxes = outputs["dn_outputs"], num_boxes * dn.num_groups
+            sets.append(("_dn", dn_out, known, dn_boxes))
+            sets += [(f"_dn_{i}", aux, known, dn_boxes) for i, aux in enumerate(dn_out["aux_outputs"])]
+        terms, total = {}, 0.0
+        for suffix, out, indices, normaliser in sets:
+            if indices is None:
+                indices = self.match(out, targets)
+            loss = set_loss(out["pred_logits"], out["pred_boxes"], targets, indices, normaliser,
+                            c.focal_alpha, c.focal_gamma)
+            total = total + sum(self.weights[name] * value for name, value in loss.items())
+            terms.update({name + suffix: value for name, value in loss.items()})
+        terms["loss"] = total
+        return terms
+
+
+def build_criterion(num_classes: int = 91, **overrides) -> Criterion:
+    """overrides: Config fields (set_cost_*, *_loss_coef, focal_alpha, focal_gamma)."""
+    return Criterion(make_config(num_classes=num_classes, **overrides))

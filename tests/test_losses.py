@@ -1,0 +1,128 @@
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from denoising import DNQueries
+from losses import build_criterion, set_loss
+
+
+def test_focal_l1_and_giou_terms_by_hand():
+    # query 0 takes object 0 (class 0); query 1 is unmatched; both have logit 0 (p = 0.5)
+    logits = torch.zeros(1, 2, 1, dtype=torch.float64)
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]], dtype=torch.float64)
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.6, 0.5, 0.2, 0.4]], dtype=torch.float64)}]
+    indices = [(torch.tensor([0]), torch.tensor([0]))]
+    terms = set_loss(logits, boxes, targets, indices, num_boxes=1.0)
+    # focal: -log(0.5) * (1 - 0.5)^2, weighted 0.25 for the positive and 0.75 for the negative
+    torch.testing.assert_close(terms["loss_ce"], torch.tensor((0.25 + 0.75) * 0.25 * math.log(2), dtype=torch.float64))
+    torch.testing.assert_close(terms["loss_bbox"], torch.tensor(0.1 + 0.2, dtype=torch.float64))
+    # x1y1x2y2 (.4,.4,.6,.6) vs (.5,.3,.7,.7): IoU .02/.10 = .2, enclosing .12, GIoU = .2 - .02/.12
+    torch.testing.assert_close(terms["loss_giou"], torch.tensor(1 - (0.2 - 0.02 / 0.12), dtype=torch.float64))
+    halved = set_loss(logits, boxes, targets, indices, num_boxes=2.0)
+    torch.testing.assert_close(halved["loss_bbox"], terms["loss_bbox"] / 2)
+
+
+def random_leaves(B=2, Q=6, K=3, D=8, layers=2):
+    """(logits, raw boxes) leaf pairs for: each decoder layer, the interm outputs, each DN layer."""
+    sizes = [Q] * (layers + 1) + [D] * layers
+    return [t for n in sizes for t in (torch.randn(B, n, K, dtype=torch.float64, requires_grad=True),
+                                         torch.randn(B, n, 4, dtype=torch.float64, requires_grad=True))]
+
+
+def assemble(leaves, layers=2, groups=2):
+    """DINO-shaped outputs from random_leaves; boxes pass through a sigmoid so they stay valid."""
+    pairs = list(zip(leaves[0::2], leaves[1::2]))
+    pred = lambda logits, raw: {"pred_logits": logits, "pred_boxes": raw.sigmoid() * 0.5 + 0.25}
+    decoder, interm, dn = pairs[:layers], pairs[layers], pairs[layers + 1:]
+    B, D, _ = dn[-1][0].shape
+    Q = decoder[-1][0].shape[1]
+    return {**pred(*decoder[-1]), "aux_outputs": [pred(*p) for p in decoder[:-1]], "interm_outputs": pred(*interm),
+            "dn_outputs": {**pred(*dn[-1]), "aux_outputs": [pred(*p) for p in dn[:-1]]},
+            "dn_queries": DNQueries(torch.zeros(B, D, 1), torch.zeros(B, D, 4),
+                                    torch.zeros(D + Q, D + Q, dtype=torch.bool), groups, D // groups)}
+
+
+TARGETS = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.4, 0.5, 0.2, 0.3], [0.6, 0.6, 0.3, 0.2]], dtype=torch.float64)},
+           {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.4, 0.25, 0.25]], dtype=torch.float64)}]
+
+
+def test_every_term_is_there_and_weighted():
+    torch.manual_seed(0)
+    out = assemble(random_leaves(layers=3), layers=3)
+    terms = build_criterion(3)(out, TARGETS)
+    suffixes = ["", "_0", "_1", "_interm", "_dn", "_dn_0", "_dn_1"]
+    assert set(terms) == {f"loss_{t}{s}" for t in ("ce", "bbox", "giou") for s in suffixes} | {"loss"}
+    expected = sum(w * terms[f"loss_{t}{s}"] for t, w in (("ce", 1.0), ("bbox", 5.0), ("giou", 2.0)) for s in suffixes)
+    torch.testing.assert_close(terms["loss"], expected)
+    reweighted = build_criterion(3, bbox_loss_coef=0.0, giou_loss_coef=0.0)(out, TARGETS)
+    torch.testing.assert_close(reweighted["loss"], sum(terms[f"loss_ce{s}"] for s in suffixes))
+
+
+def test_denoising_terms_use_the_known_assignment():
+    torch.manual_seed(0)
+    out = assemble(random_leaves(D=6, layers=1), layers=1)  # 2 groups of 3: image 0's objects at slots 0,1 and 3,4
+    terms = build_criterion(3)(out, TARGETS)
+    dn = out["dn_outputs"]
+    src = dn["pred_boxes"][0, [0, 1, 3, 4]]
+    tgt = TARGETS[0]["boxes"].repeat(2, 1)
+    l1 = (src - tgt).abs().sum() + (dn["pred_boxes"][1, [0, 3]] - TARGETS[1]["boxes"]).abs().sum()
+    torch.testing.assert_close(terms["loss_bbox_dn"], l1 / (3 * 2))  # 3 objects x 2 groups
+
+
+def test_total_loss_gradcheck():
+    torch.manual_seed(0)
+    criterion = build_criterion(3)
+    leaves = random_leaves(B=2, Q=4, D=4, layers=2)
+    assert torch.autograd.gradcheck(lambda *t: criterion(assemble(t), TARGETS)["loss"], tuple(leaves))
+
+
+def test_images_without_objects_push_all_scores_down():
+    logits = torch.zeros(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    boxes = torch.full((2, 5, 4), 0.5, dtype=torch.float64)
+    out = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": [],
+           "interm_outputs": {"pred_logits": logits, "pred_boxes": boxes}}
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4, dtype=torch.float64)}] * 2
+    terms = build_criterion(3)(out, empty)
+    assert terms["loss_bbox"] == 0 and terms["loss_giou"] == 0 and terms["loss_ce"] > 0
+    terms["loss"].backward()
+    assert (logits.grad > 0).all()  # gradient descent lowers every logit
+
+
+def test_a_model_trains_on_a_batch_with_and_without_objects():
+    from conftest import tiny_dino
+    model, criterion = tiny_dino(num_classes=3).train(), build_criterion(3)
+    empty = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
+    for targets in ([empty, empty], [TARGETS[0], empty]):
+        targets = [{k: v.float() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+        out = model(torch.randn(2, 3, 96, 128), targets=targets)
+        assert ("dn_outputs" in out) == any(len(t["labels"]) for t in targets)
+        terms = criterion(out, targets)
+        terms["loss"].backward()
+        assert torch.isfinite(terms["loss"])
+
+
+def _distributed_num_boxes(rank, world_size, port, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        # rank 0 has 1 object, rank 1 has 3: each normalises by the mean, 2
+        n = 1 if rank == 0 else 3
+        target = {"labels": torch.zeros(n, dtype=torch.long), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]).repeat(n, 1)}
+        boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.2]]]).repeat(1, n, 1)
+        out = {"pred_logits": torch.zeros(1, n, 1), "pred_boxes": boxes, "aux_outputs": [],
+               "interm_outputs": {"pred_logits": torch.zeros(1, n, 1), "pred_boxes": boxes}}
+        results[rank] = build_criterion(1)(out, [target])["loss_bbox"].item()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_num_boxes_is_averaged_over_processes():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_distributed_num_boxes, args=(2, port, results), nprocs=2)
+    assert results[0] == pytest.approx(0.2 * 1 / 2) and results[1] == pytest.approx(0.2 * 3 / 2)
