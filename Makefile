@@ -13,7 +13,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	touch $@
 
 demo: install
-	$(PY) demo.py
+	$(PY) train.py --demo
 
 test: install
 	$(PY) -m pytest

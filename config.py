@@ -39,6 +39,21 @@ class Config:
     focal_gamma: float = 2.0
     # inference
     num_select: int = 300               # detections kept per image by postprocess
+    # training (official DINO_4scale.py; batch size 1 and 100 epochs as the seed)
+    lr: float = 1e-4                    # AdamW, everything but the backbone
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1          # gradient clipping
+    batch_size: int = 1                 # per process
+    epochs: int = 100
+    lr_drop: int = 90                   # the lr is multiplied by 0.1 after this many epochs
+    scale: float = 1.0                  # image sizes x scale (Swin-L fine-tuning: 1.5)
+    amp: bool = False                   # mixed precision: bf16 where the GPU supports it, else fp16
+    ema: bool = False                   # evaluate and keep an exponential moving average of the weights
+    ema_decay: float = 0.9997
+    eval_every: int = 1                 # epochs between evaluations on the validation set
+    num_workers: int = 2                # data loading processes per training process
+    seed: int = 42
 
 
 def make_config(**overrides) -> Config:

@@ -17,6 +17,8 @@ def matching_cost(logits: Tensor, boxes_cxcywh: Tensor, target_labels: Tensor, t
                   cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
                   alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """logits (Q, K), boxes_cxcywh (Q, 4); target_labels (G,), target_boxes_cxcywh (G, 4). Returns (Q, G)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the costs are not
+        logits, boxes_cxcywh = logits.float(), boxes_cxcywh.float()
     probs = logits.sigmoid()[:, target_labels]  # (Q, G)
     eps = 1e-8  # as official DINO, keeps the logs finite
     positive = alpha * (1 - probs) ** gamma * -(probs + eps).log()

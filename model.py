@@ -467,7 +467,7 @@ def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor
     return ours
 
 
-def _read_checkpoint(path: str) -> dict:
+def read_checkpoint(path: str) -> dict:
     # official checkpoints also hold their argparse.Namespace of settings: allow just that class
     import argparse
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -492,7 +492,7 @@ def load_checkpoint(model: DINO, path_or_state_dict, ignore_class_heads: bool = 
     source = path_or_state_dict
     where = source if isinstance(source, str) else "the given state dict"
     if isinstance(source, str):
-        source = _read_checkpoint(source)
+        source = read_checkpoint(source)
     state = source.get("model", source) if isinstance(source, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{where} holds no state dict (expected tensors under 'model' or at the top level)")

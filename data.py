@@ -1,0 +1,255 @@
+"""COCO-format detection data: reading, the seed's augmentation, batching, and a generated dataset.
+
+The augmentation is DETR's (arXiv 2005.12872v3 Sec. A.4), as DINO (arXiv 2203.03605v4 Sec. 4.1)
+uses it: random horizontal flip, then either a random resize of the shorter side to 480..800
+(step 32, longer side at most 1333) or resize to 400/500/600, a random crop of 384..600 and the
+same random resize. Validation resizes to 800 (longer side at most 1333). `scale` multiplies every
+size (1.5 for the Swin-L fine-tuning: 720..1200, at most 2000).
+
+Targets follow DETR: labels are the annotations' category ids as they are (so num_classes = the
+largest id + 1 and predictions map straight back), boxes are (cx, cy, w, h) normalised by the
+augmented image's size; crowd annotations are left out of the training targets, boxes are clipped
+to the image and empty ones dropped. Images without annotations are kept.
+"""
+import contextlib
+import io
+import json
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from pycocotools.coco import COCO
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+def load_coco(ann_file: str | Path) -> COCO:
+    """pycocotools' COCO index of `ann_file`, after checking what would otherwise fail late or silently."""
+    ann_file = Path(ann_file)
+    try:
+        data = json.loads(ann_file.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"annotation file {ann_file} is not valid JSON: {e}") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"annotation file {ann_file} has no list '{key}' (not COCO format)")
+    image_ids = [img["id"] for img in data["images"]]
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError(f"annotation file {ann_file} lists an image id twice")
+    image_ids, category_ids = set(image_ids), {c["id"] for c in data["categories"]}
+    for ann in data["annotations"]:
+        where = f"annotation {ann.get('id')} in {ann_file}"
+        if ann.get("image_id") not in image_ids:
+            raise ValueError(f"{where} points to image id {ann.get('image_id')}, which is not in 'images'")
+        if ann.get("category_id") not in category_ids:
+            raise ValueError(f"{where} has category id {ann.get('category_id')}, which is not in 'categories'")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise ValueError(f"{where} has bbox {bbox!r}; expected [x, y, width, height]")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+def read_image(path: Path, json_size: tuple[int, int] | None) -> Image.Image:
+    """RGB image with its EXIF orientation applied, unless the annotation file's (width, height) says
+    the annotations were made on the stored pixels (a rotation that swaps width and height)."""
+    try:
+        with Image.open(path) as raw:
+            raw.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    image = ImageOps.exif_transpose(raw)
+    if json_size is not None and image.size != json_size:
+        if raw.size != json_size:
+            raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} but the annotation file says "
+                             f"{json_size[0]}x{json_size[1]}")
+        image = raw
+    return image.convert("RGB")  # grayscale, palette, RGBA, CMYK -> RGB
+
+
+class RandomSizeCrop(v2.Transform):
+    """Crop a random region with each side drawn from [min_size, min(max_size, image side)] (DETR's)."""
+
+    def __init__(self, min_size: int, max_size: int):
+        super().__init__()
+        self.min_size, self.max_size = min_size, max_size
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        randint = lambda low, high: int(torch.randint(low, high + 1, ()))  # torch's generator, like v2's own
+        h = randint(min(self.min_size, height), min(height, self.max_size))
+        w = randint(min(self.min_size, width), min(width, self.max_size))
+        return dict(top=randint(0, height - h), left=randint(0, width - w), height=h, width=w)
+
+    def transform(self, inpt, params: dict):
+        return TF.crop(inpt, **params)
+
+
+def make_transforms(train: bool, scale: float = 1.0) -> v2.Transform:
+    """The seed's augmentation (see the module docstring); sizes multiplied by `scale`."""
+    s = lambda size: int(round(size * scale))
+    scales, max_size = [s(x) for x in range(480, 801, 32)], s(1333)
+    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if not train:
+        return v2.Compose([v2.Resize(s(800), max_size=max_size), *normalise])
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomChoice([
+            v2.RandomShortestSize(scales, max_size),
+            v2.Compose([v2.RandomShortestSize([s(400), s(500), s(600)]),
+                        RandomSizeCrop(s(384), s(600)),
+                        v2.RandomShortestSize(scales, max_size)]),
+        ]),
+        *normalise,
+    ])
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """(image (3, H, W) normalised, target) pairs of a COCO-format dataset.
+
+    target: "labels" (G,) int64 category ids, "boxes" (G, 4) normalised cxcywh, "image_id",
+    "orig_size" and "size", (height, width) before and after augmentation.
+    """
+
+    def __init__(self, image_dir: str | Path, ann_file: str | Path, transforms: v2.Transform, keep_crowd: bool = False):
+        self.image_dir, self.transforms, self.keep_crowd = Path(image_dir), transforms, keep_crowd
+        self.coco = load_coco(ann_file)
+        self.ids = sorted(self.coco.imgs)
+        missing = [self.coco.imgs[i]["file_name"] for i in self.ids
+                   if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image(s) listed in {ann_file} are not in {self.image_dir}: "
+                                    f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+    @property
+    def num_classes(self) -> int:
+        """Largest category id + 1, as official DINO (COCO: 91)."""
+        return max(self.coco.cats, default=0) + 1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict]:
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        json_size = (info["width"], info["height"]) if "width" in info and "height" in info else None
+        image = read_image(self.image_dir / info["file_name"], json_size)
+        W, H = image.size
+        anns = [a for a in self.coco.imgToAnns[image_id] if self.keep_crowd or not a.get("iscrowd", 0)]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = box_convert(boxes, "xywh", "xyxy")
+        sample = {"image": tv_tensors.Image(TF.pil_to_tensor(image)),
+                  "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)),
+                  "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)}
+        sample["boxes"] = TF.clamp_bounding_boxes(sample["boxes"])
+        sample = self.transforms(sample)
+        image, boxes = sample["image"], sample["boxes"]
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # degenerate or cropped away
+        h, w = image.shape[-2:]
+        target = {"labels": sample["labels"][keep],
+                  "boxes": box_convert(boxes[keep].as_subclass(Tensor), "xyxy", "cxcywh") / torch.tensor([w, h, w, h]),
+                  "image_id": image_id, "orig_size": torch.tensor([H, W]), "size": torch.tensor([h, w])}
+        return image.as_subclass(Tensor), target
+
+
+def collate(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor, list[dict]]:
+    """Zero-pad the images to the batch's largest height and width (no further).
+    Returns images (B, 3, H, W), mask (B, H, W) True on padding, targets."""
+    images, targets = zip(*batch)
+    H, W = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    padded = images[0].new_zeros(len(images), 3, H, W)
+    mask = torch.ones(len(images), H, W, dtype=torch.bool)
+    for b, image in enumerate(images):
+        padded[b, :, :image.shape[1], :image.shape[2]] = image
+        mask[b, :image.shape[1], :image.shape[2]] = False
+    return padded, mask, list(targets)
+
+
+# --- a generated dataset ------------------------------------------------------------------------------
+
+SHAPES = ("square", "circle", "triangle")
+
+
+def _background(rng: random.Random, W: int, H: int) -> Image.Image:
+    """A colour gradient with blurred blotches and fine noise, so that plain colour does not give shapes away."""
+    base = Image.new("RGB", (2, 2))
+    base.putdata([tuple(rng.randrange(40, 216) for _ in range(3)) for _ in range(4)])
+    image = base.resize((W, H), Image.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(3, 8)):
+        x, y, r = rng.randrange(W), rng.randrange(H), rng.randint(3, max(4, min(W, H) // 8))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randrange(40, 216) for _ in range(3)))
+    image = image.filter(ImageFilter.GaussianBlur(radius=max(2, min(W, H) // 20)))  # no crisp distractor shapes
+    g = torch.Generator().manual_seed(rng.getrandbits(63))
+    noise = (torch.randn(H, W, 1, generator=g) * 24 + 128).clamp(0, 255).to(torch.uint8).expand(H, W, 3)
+    return Image.blend(image, Image.fromarray(noise.contiguous().numpy()), 0.15)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour: tuple) -> None:
+    x1, y1, x2, y2 = box
+    if shape == "square":
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=colour)
+    elif shape == "circle":
+        draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=colour)
+    else:
+        draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=colour)
+
+
+def make_shapes_dataset(root: str | Path, num_train: int = 400, num_val: int = 100, size: tuple[int, int] = (160, 224),
+                        max_objects: int = 4, seed: int = 0) -> Path:
+    """Write a COCO-format dataset of coloured squares, circles and triangles (category ids 1..3) on
+    textured backgrounds: root/{train2017,val2017}/*.jpg and root/annotations/instances_{train,val}2017.json.
+    Deterministic from `seed`; images are size[0]..size[1] pixels on each side. Returns root."""
+    root = Path(root)
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(SHAPES)]
+    for split, count, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1)):
+        rng = random.Random(split_seed)
+        (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(1, count + 1):
+            W, H = rng.randint(*size), rng.randint(*size)
+            image = _background(rng, W, H)
+            draw = ImageDraw.Draw(image)
+            placed = []
+            for _ in range(rng.randint(1, max_objects)):
+                for _attempt in range(20):  # shapes do not overlap, so every box is fully visible
+                    side = rng.randint(min(W, H) // 6, min(W, H) // 3)
+                    w, h = side, int(side * rng.uniform(0.8, 1.25))
+                    x, y = rng.randint(0, W - w), rng.randint(0, min(H - h, H - 1))
+                    box = (x, y, x + w, min(y + h, H))
+                    if all(box[2] <= p[0] or p[2] <= box[0] or box[3] <= p[1] or p[3] <= box[1] for p, _ in placed):
+                        placed.append((box, rng.randrange(len(SHAPES))))
+                        break
+            for box, shape in placed:
+                _draw_shape(draw, SHAPES[shape], box, tuple(rng.randrange(0, 256) for _ in range(3)))
+                x1, y1, x2, y2 = box
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": shape + 1,
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            file_name = f"{image_id:06d}.jpg"
+            image.save(root / f"{split}2017" / file_name, quality=92)
+            images.append({"id": image_id, "file_name": file_name, "width": W, "height": H})
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+def coco_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
+    """(image folder, annotation file) of `split` ("train" or "val") in the COCO 2017 layout."""
+    data_dir = Path(data_dir)
+    return data_dir / f"{split}2017", data_dir / "annotations" / f"instances_{split}2017.json"

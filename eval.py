@@ -1,0 +1,227 @@
+"""Evaluate a checkpoint with pycocotools, draw detections, or run on any images.
+
+    python eval.py CKPT [--data DIR | --val-images DIR --val-json FILE] [--output-dir DIR]
+    python eval.py CKPT --data DIR --vis 8 --score-thr 0.3     # also save 8 pictures with detections
+    python eval.py CKPT --image a.jpg b.png                    # detections on any images
+
+Prints the COCO box metrics (AP, AP50, AP75, APs, APm, APl and AP per class) and writes them to
+OUTPUT_DIR/metrics.json. CKPT is one of ours (train.py) or an official DINO-4scale release
+checkpoint (R50 or Swin-L, 91 COCO classes, detected from its parameter names).
+"""
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import draw_bounding_boxes
+
+from config import Config, make_config
+from data import CocoDetection, coco_paths, collate, make_transforms, read_image
+from model import DINO, build_dino, load_checkpoint, postprocess, read_checkpoint
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype for --amp: bf16 where the device supports it, else fp16 (CUDA); None without --amp."""
+    if not amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict:
+    """COCO box metrics of `detections` (COCO result dicts) on `image_ids`, with AP per category."""
+    metrics = {name: 0.0 for name in METRIC_NAMES}
+    metrics["per_class_AP"] = {coco_gt.cats[c]["name"]: 0.0 for c in sorted(coco_gt.cats)}
+    if not detections:
+        return metrics
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own tables
+        coco_dt = coco_gt.loadRes(detections)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.imgIds = sorted(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics.update({name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)})
+    precision = evaluator.eval["precision"]  # (IoU thresholds, recall, classes, areas, max dets)
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        metrics["per_class_AP"][coco_gt.cats[cat_id]["name"]] = float(p[p > -1].mean()) if (p > -1).any() else 0.0
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    """The seed's table: AP, AP50, AP75, APs, APm, APl, then AP per class, in percent ("-": no such objects)."""
+    percent = lambda v: f"{100 * v:5.1f}" if v >= 0 else "    -"  # pycocotools gives -1 for an empty area range
+    lines = ["  ".join(f"{name} {percent(metrics[name])}" for name in METRIC_NAMES[:6]), "AP per class:"]
+    lines += [f"  {name:20s} {percent(ap)}" for name, ap in metrics["per_class_AP"].items()]
+    return "\n".join(lines)
+
+
+def to_coco_results(detections: list[dict], targets: list[dict], category_ids: set[int]) -> list[dict]:
+    """postprocess output (boxes x1y1x2y2 in original pixels) -> COCO result dicts (boxes xywh)."""
+    results = []
+    for det, target in zip(detections, targets):
+        boxes = det["boxes"].clone()
+        boxes[:, 2:] -= boxes[:, :2]
+        for score, label, box in zip(det["scores"].tolist(), det["labels"].tolist(), boxes.tolist()):
+            if label in category_ids:  # a label that is no category can never be right
+                results.append({"image_id": target["image_id"], "category_id": label, "bbox": box, "score": score})
+    return results
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, num_select: int = Config.num_select,
+             amp: bool = False) -> dict | None:
+    """COCO metrics of `model` on the loader's CocoDetection dataset; under torch.distributed each
+    process evaluates its share and rank 0 returns the metrics (the others None)."""
+    dataset = loader.dataset
+    model.eval()
+    results, image_ids = [], []
+    dtype = amp_dtype(device, amp)
+    for images, mask, targets in loader:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = model(images.to(device), mask.to(device))
+        outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        detections = [{k: v.cpu() for k, v in d.items()} for d in postprocess(outputs, sizes, num_select)]
+        results += to_coco_results(detections, targets, set(dataset.coco.cats))
+        image_ids += [t["image_id"] for t in targets]
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (results, image_ids))
+        if dist.get_rank() != 0:
+            return None
+        # the distributed sampler repeats images to even out the shards: keep each image once
+        seen, results, image_ids = set(), [], []
+        for rank_results, rank_ids in gathered:
+            fresh = set(rank_ids) - seen
+            results += [r for r in rank_results if r["image_id"] in fresh]
+            image_ids += sorted(fresh)
+            seen |= fresh
+    return coco_metrics(dataset.coco, results, image_ids)
+
+
+# --- checkpoints, pictures, command line ---------------------------------------------------------------
+
+def model_from_checkpoint(path: str, **overrides) -> tuple[DINO, Config, dict[int, str]]:
+    """Build the model a checkpoint was trained with and load its weights (the EMA weights if it kept
+    them). Returns (model, config, category names by id)."""
+    checkpoint = read_checkpoint(path)
+    if "config" in checkpoint:  # ours
+        cfg = make_config(**{**checkpoint["config"], **overrides})
+        categories = {int(k): v for k, v in checkpoint.get("categories", {}).items()}
+        state = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
+    else:  # official DINO: R50 or Swin-L by the backbone's parameter names, classes from the class head
+        state = checkpoint.get("model", checkpoint)
+        backbone = "swinl" if any(k.startswith("backbone.0.patch_embed") for k in state) else "r50"
+        num_classes = state["class_embed.0.weight"].shape[0] if "class_embed.0.weight" in state else 91
+        cfg = make_config(backbone=backbone, num_classes=num_classes, **overrides)
+        categories = {}
+    model = build_dino(**dataclasses.asdict(cfg))
+    load_checkpoint(model, state)
+    return model, cfg, categories
+
+
+def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], score_thr: float) -> Tensor:
+    """image (3, H, W) uint8; detection from postprocess in the image's pixels. Returns (3, H, W) uint8."""
+    keep = detection["scores"] >= score_thr
+    if not keep.any():
+        return image
+    labels = [f"{categories.get(int(l), int(l))} {float(s):.2f}"
+              for l, s in zip(detection["labels"][keep], detection["scores"][keep])]
+    width = max(1, round(max(image.shape[1:]) / 300))
+    return draw_bounding_boxes(image, detection["boxes"][keep], labels, colors="red", width=width)
+
+
+@torch.no_grad()
+def detect(model: DINO, cfg: Config, images: list[Tensor], device: torch.device) -> list[dict]:
+    """Detections on uint8 images (3, H, W), one at a time, in each image's own pixels."""
+    transform = make_transforms(train=False, scale=cfg.scale)
+    model.eval()
+    detections = []
+    for image in images:
+        out = model(transform(image)[None].to(device))
+        detections.append({k: v.cpu() for k, v in postprocess(out, [image.shape[1:]], cfg.num_select)[0].items()})
+    return detections
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Evaluate a DINO checkpoint (ours or official) with pycocotools.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data", help="COCO-layout folder (val2017/, annotations/instances_val2017.json)")
+    parser.add_argument("--val-images", help="image folder, with --val-json, for any other layout")
+    parser.add_argument("--val-json", help="COCO-format annotation file of --val-images")
+    parser.add_argument("--image", nargs="+", default=[], metavar="FILE", help="run on these images instead")
+    parser.add_argument("--output-dir", default="eval_output")
+    parser.add_argument("--vis", type=int, default=0, metavar="N", help="save N validation images with detections")
+    parser.add_argument("--score-thr", type=float, default=0.3, help="score threshold of the drawn detections")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--scale", type=float, help="image size factor (default: the checkpoint's)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 where supported)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    overrides = {"scale": args.scale} if args.scale is not None else {}
+    model, cfg, categories = model_from_checkpoint(args.checkpoint, **overrides)
+    model.to(device).eval()
+
+    if args.image:
+        images = [TF.pil_to_tensor(read_image(Path(path), None)) for path in args.image]
+        for path, image, det in zip(args.image, images, detect(model, cfg, images, device)):
+            keep = det["scores"] >= args.score_thr
+            print(f"{path}: {int(keep.sum())} detections with score >= {args.score_thr}")
+            for s, l, b in zip(det["scores"][keep], det["labels"][keep], det["boxes"][keep]):
+                print(f"  {categories.get(int(l), int(l))}  {float(s):.3f}  x1y1x2y2 {[round(v, 1) for v in b.tolist()]}")
+            out = output_dir / f"{Path(path).stem}_detections.png"
+            TF.to_pil_image(draw_detections(image, det, categories, args.score_thr)).save(out)
+            print(f"  drawn in {out}")
+        return
+
+    if args.data:
+        images_dir, ann_file = coco_paths(args.data, "val")
+    elif args.val_images and args.val_json:
+        images_dir, ann_file = args.val_images, args.val_json
+    else:
+        parser.error("give --data DIR, or --val-images and --val-json, or --image FILE...")
+    dataset = CocoDetection(images_dir, ann_file, make_transforms(train=False, scale=cfg.scale))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=collate)
+    metrics = evaluate(model, loader, device, cfg.num_select, args.amp)
+    print(format_metrics(metrics))
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"wrote {output_dir / 'metrics.json'}")
+    if args.vis:
+        save_pictures(model, cfg, dataset, args.vis, args.score_thr, output_dir / "vis", device)
+
+
+def save_pictures(model: DINO, cfg: Config, dataset: CocoDetection, count: int, score_thr: float,
+                  folder: Path, device: torch.device) -> list[Path]:
+    """Draw the detections on the first `count` images of the dataset, in their original pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {c: dataset.coco.cats[c]["name"] for c in dataset.coco.cats}
+    saved = []
+    for image_id in dataset.ids[:count]:
+        info = dataset.coco.imgs[image_id]
+        path = dataset.image_dir / info["file_name"]
+        image = TF.pil_to_tensor(read_image(path, (info["width"], info["height"]) if "width" in info else None))
+        saved.append(folder / f"{path.stem}.png")
+        TF.to_pil_image(draw_detections(image, detect(model, cfg, [image], device)[0], names, score_thr)).save(saved[-1])
+    return saved
+
+
+if __name__ == "__main__":
+    main()

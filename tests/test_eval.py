@@ -1,0 +1,79 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import train
+from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
+from eval import evaluate, model_from_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=4, num_val=6, size=(64, 96))
+
+
+class Oracle(nn.Module):
+    """Predicts the validation targets themselves, batch by batch in loader order, with box noise."""
+
+    def __init__(self, dataset, noise: float, num_queries: int = 10, num_classes: int = 4):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.outputs = []
+        for i in range(len(dataset)):
+            target = dataset[i][1]
+            logits = torch.full((1, num_queries, num_classes), -10.0)
+            boxes = torch.full((1, num_queries, 4), 0.5)
+            n = len(target["labels"])
+            logits[0, torch.arange(n), target["labels"]] = 5.0
+            boxes[0, :n] = (target["boxes"] + noise * torch.randn(n, 4, generator=g)).clamp(0.01, 1)
+            self.outputs.append((logits, boxes))
+
+    def forward(self, images, mask):
+        batch = [self.outputs.pop(0) for _ in range(images.shape[0])]
+        return {"pred_logits": torch.cat([b[0] for b in batch]), "pred_boxes": torch.cat([b[1] for b in batch])}
+
+
+def test_ap_is_one_for_perfect_predictions_and_drops_as_they_degrade(shapes):
+    dataset = CocoDetection(*coco_paths(shapes, "val"), make_transforms(False, 0.1))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate)
+    aps = [evaluate(Oracle(dataset, noise), loader, torch.device("cpu"))["AP"] for noise in (0.0, 0.02, 0.08)]
+    assert aps[0] == pytest.approx(1.0)
+    assert 1.0 > aps[1] > aps[2]
+
+
+def test_eval_command_on_a_trained_checkpoint(shapes, tmp_path):
+    train.main(["--data", str(shapes), "--output-dir", str(tmp_path / "run"), "--backbone", "r18", "--hidden-dim", "64",
+                "--nheads", "2", "--enc-layers", "1", "--dec-layers", "1", "--dim-feedforward", "64",
+                "--num-queries", "10", "--scale", "0.1", "--epochs", "1", "--num-workers", "0"])
+    image = next((shapes / "val2017").iterdir())
+    out = tmp_path / "eval"
+    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "run" / "checkpoint.pth"),
+                             "--data", str(shapes), "--output-dir", str(out), "--vis", "2", "--score-thr", "0.0",
+                             "--num-workers", "0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics)
+    assert set(metrics["per_class_AP"]) == {"square", "circle", "triangle"}
+    assert "AP50" in result.stdout and "triangle" in result.stdout
+    assert len(list((out / "vis").glob("*.png"))) == 2
+    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "run" / "checkpoint.pth"),
+                             "--image", str(image), "--output-dir", str(out), "--score-thr", "0.0"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{image}:" in result.stdout and (out / f"{image.stem}_detections.png").exists()
+
+
+def test_official_checkpoint_is_recognised(tmp_path):
+    from test_model import REFERENCE, fake_official_state_dict
+    official = fake_official_state_dict(json.loads((REFERENCE / "official_r50_keys.json").read_text()))
+    torch.save({"model": official, "args": __import__("argparse").Namespace(backbone="resnet50")}, tmp_path / "o.pth")
+    model, cfg, categories = model_from_checkpoint(str(tmp_path / "o.pth"))
+    assert (cfg.backbone, cfg.num_classes, categories) == ("r50", 91, {})
+    assert torch.equal(model.class_head.weight, official["class_embed.0.weight"])

@@ -1,0 +1,107 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from data import make_shapes_dataset
+from model import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "r18", "--hidden-dim", "64", "--nheads", "2", "--enc-layers", "1", "--dec-layers", "2",
+        "--dim-feedforward", "64", "--num-queries", "10", "--dn-number", "4", "--scale", "0.1", "--batch-size", "2",
+        "--num-workers", "0", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=4, num_val=2, size=(64, 96))
+
+
+def run(shapes, output_dir, *extra):
+    return train.main(["--data", str(shapes), "--output-dir", str(output_dir), *TINY, *extra])
+
+
+def test_every_config_field_is_a_flag():
+    args = train.build_parser().parse_args(["--hidden-dim", "64", "--num-queries", "300", "--amp", "--no-ema",
+                                            "--lr", "5e-5", "--backbone", "swinl"])
+    assert (args.hidden_dim, args.num_queries, args.amp, args.ema, args.lr, args.backbone) == (64, 300, True, False, 5e-5, "swinl")
+    assert not hasattr(train.build_parser().parse_args([]), "hidden_dim")  # unset flags keep the Config default
+
+
+def test_two_iteration_training_run_writes_checkpoint_log_and_metrics(shapes, tmp_path):
+    metrics = run(shapes, tmp_path, "--epochs", "1")
+    assert {"AP", "AP50", "AP75"} <= set(metrics)
+    checkpoint = read_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert checkpoint["epoch"] == 0 and checkpoint["config"]["hidden_dim"] == 64
+    assert checkpoint["config"]["num_classes"] == 4  # from the data: category ids 1..3
+    assert checkpoint["categories"] == {1: "square", 2: "circle", 3: "triangle"}
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and {"loss", "loss_ce", "loss_bbox_dn", "loss_giou_interm"} <= set(log[0]["train"])
+    assert "AP" in log[0]["val"]
+    assert (tmp_path / "best.pth").exists() and json.loads((tmp_path / "metrics.json").read_text())["AP"] == metrics["AP"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(shapes, tmp_path):
+    run(shapes, tmp_path / "straight", "--epochs", "3", "--eval-every", "5")
+    run(shapes, tmp_path / "resumed", "--epochs", "2", "--eval-every", "5")
+    run(shapes, tmp_path / "resumed", "--epochs", "3", "--eval-every", "5", "--resume")
+    straight = [json.loads(l) for l in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    resumed = [json.loads(l) for l in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in resumed] == [0, 1, 2]
+    for a, b in zip(straight, resumed):
+        assert a["train"] == b["train"] and a["lr"] == b["lr"]
+    assert "val" in straight[-1] and straight[-1]["val"]["AP"] == resumed[-1]["val"]["AP"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_path, monkeypatch, capsys):
+    run(shapes, tmp_path, "--epochs", "1")
+    good = (tmp_path / "checkpoint.pth").read_bytes()
+
+    class Exploding(train.Criterion):
+        def __call__(self, outputs, targets):
+            terms = super().__call__(outputs, targets)
+            terms["loss"] = terms["loss"] * float("nan")
+            return terms
+    monkeypatch.setattr(train, "Criterion", Exploding)
+    with pytest.raises(SystemExit) as exit_info:
+        run(shapes, tmp_path, "--epochs", "2", "--resume")
+    assert exit_info.value.code == 1
+    assert "loss is nan" in capsys.readouterr().out
+    assert (tmp_path / "checkpoint.pth").read_bytes() == good
+
+
+def test_fine_tuning_from_a_checkpoint_with_other_classes(shapes, tmp_path, capsys):
+    from model import build_dino
+    source = build_dino("r18", num_classes=91, hidden_dim=64, nheads=2, enc_layers=1, dec_layers=2,
+                        dim_feedforward=64, num_queries=10)
+    torch.save({"model": source.state_dict()}, tmp_path / "coco.pth")
+    run(shapes, tmp_path / "out", "--epochs", "1", "--pretrained", str(tmp_path / "coco.pth"))
+    assert "has 91 classes, this model 4: re-initialised class_head.bias" in capsys.readouterr().out
+    tuned = read_checkpoint(str(tmp_path / "out" / "checkpoint.pth"))["model"]
+    assert tuned["class_head.weight"].shape == (4, 64)
+
+
+def test_ema_and_amp_on_the_cpu(shapes, tmp_path):
+    run(shapes, tmp_path, "--epochs", "1", "--ema", "--ema-decay", "0.5", "--amp")
+    checkpoint = read_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert checkpoint["ema"] is not None
+    assert not torch.equal(checkpoint["ema"]["level_embed"], checkpoint["model"]["level_embed"])
+
+
+def test_distributed_training_with_two_processes(shapes, tmp_path):
+    """torchrun, gloo on the CPU: both processes train, only rank 0 writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), "--data", str(shapes), "--output-dir", str(tmp_path),
+                             "--device", "cpu", *TINY, "--epochs", "1"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
+    assert read_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 0

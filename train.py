@@ -1,0 +1,346 @@
+"""Train DINO on COCO-format data: the seed's recipe, a demo that learns, checkpoints you can trust.
+
+    python train.py --data DIR                        # DINO-4scale R50, AdamW 1e-4 / backbone 1e-5, batch 1, 100 epochs
+    python train.py --data DIR --backbone swinl --lr 5e-5 --scale 1.5 --pretrained-backbone swin_large_patch4_window12_384_22k.pth
+    python train.py --data DIR --pretrained checkpoint0011_4scale.pth   # fine-tune an official checkpoint
+    torchrun --nproc_per_node 8 train.py --data DIR   # multi-GPU (and multi-node) training
+    python train.py --demo                            # generated shapes, a small model, CPU, about 10 minutes
+
+Every Config field is a flag (`--hidden-dim 64`, `--num-queries 300`, `--no-amp`). Each epoch ends
+with OUTPUT_DIR/checkpoint.pth (written to a temporary file, then renamed: a crash never leaves a
+broken file), a line in OUTPUT_DIR/log.jsonl and, every --eval-every epochs, COCO metrics on the
+validation set; the best AP so far is kept in OUTPUT_DIR/best.pth. --resume continues from
+checkpoint.pth with the optimiser, schedule, epoch and random state, giving the same losses as a
+run that never stopped.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from backbone import build_backbone, load_swin_checkpoint
+from config import Config, make_config
+from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
+from eval import amp_dtype, evaluate, format_metrics, save_pictures
+from losses import Criterion
+from model import CLASS_SPECIFIC, DINO, build_dino, load_checkpoint, read_checkpoint
+
+# the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
+DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
+            num_queries=100, dn_number=50, lr=2e-4, lr_backbone=2e-4, batch_size=4, epochs=6, lr_drop=5,
+            scale=0.25, num_workers=2)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class EMA:
+    """Exponential moving average of the weights: ema = decay * ema + (1 - decay) * weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        for ema, current in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if ema.is_floating_point():
+                ema.lerp_(current, 1 - self.decay)
+            else:
+                ema.copy_(current)
+
+
+def save_atomically(obj, path: Path):
+    """Write to a temporary file beside `path`, then rename: `path` is always a complete checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_at_epoch(cfg: Config, epoch: int) -> float:
+    """The step schedule as a factor of the base rates: 1, then 0.1 after cfg.lr_drop epochs."""
+    return 0.1 if epoch >= cfg.lr_drop else 1.0
+
+
+def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int, device, ema: EMA | None,
+                    scaler: torch.amp.GradScaler, is_main: bool) -> dict:
+    """One pass over the data: forward, loss terms, weighted sum, backward, clip, step. Returns the
+    epoch's mean of every (unweighted) loss term."""
+    model.train()
+    dtype = amp_dtype(device, cfg.amp)
+    sums, counts = {}, {}
+    start = last_print = time.time()
+    for it, (images, mask, targets) in enumerate(loader):
+        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = model(images, mask, targets)
+        terms = criterion(outputs, targets)  # in float32: the criterion casts the predictions
+        loss = terms["loss"]
+        check = loss.detach().clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(check)  # every process stops together
+        if not math.isfinite(check.item()):
+            raise NonFiniteLoss(f"loss is {check.item()} at epoch {epoch}, iteration {it} (this process's terms: "
+                                f"{ {k: round(v.item(), 4) for k, v in terms.items()} })")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.clip_max_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update(model.module if isinstance(model, DistributedDataParallel) else model)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach()
+            counts[name] = counts.get(name, 0) + 1
+        now = time.time()
+        if is_main and (now - last_print > 10 or it + 1 == len(loader)):
+            last_print = now
+            rate = (it + 1) / (now - start)
+            main = {k: float(sums[k] / counts[k]) for k in ("loss", "loss_ce", "loss_bbox", "loss_giou")}
+            print(f"epoch {epoch} [{it + 1}/{len(loader)}] loss {main['loss']:.3f} (ce {main['loss_ce']:.3f} "
+                  f"bbox {main['loss_bbox']:.3f} giou {main['loss_giou']:.3f}) lr {optimizer.param_groups[0]['lr']:.2e} "
+                  f"{rate:.2f} it/s, epoch ends in {(len(loader) - it - 1) / rate:.0f} s", flush=True)
+    return {name: float(sums[name] / counts[name]) for name in sums}
+
+
+def build_optimizer(model: DINO, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with two groups as official DINO: the backbone at lr_backbone, everything else at lr."""
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr_backbone}],
+                             weight_decay=cfg.weight_decay)
+
+
+def load_pretrained(model: DINO, path: str, log) -> None:
+    """Fine-tune from a checkpoint (ours or official DINO); class-specific heads are re-initialised
+    when the number of classes differs."""
+    checkpoint = read_checkpoint(path)
+    state = checkpoint.get("model", checkpoint)
+    head = state.get("class_embed.0.weight", state.get("class_head.weight"))
+    different = head is not None and head.shape[0] != model.cfg.num_classes
+    kept = load_checkpoint(model, checkpoint, ignore_class_heads=different)
+    if different:
+        log(f"{path} has {head.shape[0]} classes, this model {model.cfg.num_classes}: "
+            f"re-initialised {', '.join(kept)}; loaded everything else")
+    else:
+        log(f"loaded {path}")
+
+
+def load_pretrained_backbone(model: DINO, spec: str, log) -> None:
+    """`imagenet`: torchvision's ImageNet weights (ResNets; downloads once). A file: the official Swin
+    classification checkpoint for swinl, a torchvision ResNet state dict for the ResNets."""
+    if spec == "imagenet":
+        if model.cfg.backbone == "swinl":
+            raise ValueError("--pretrained-backbone imagenet is for ResNets; Swin-L needs the file "
+                             "swin_large_patch4_window12_384_22k.pth")
+        pretrained = build_backbone(model.cfg.backbone, pretrained=True)
+        model.backbone.load_state_dict(pretrained.state_dict())
+        log("backbone: torchvision ImageNet weights")
+    elif model.cfg.backbone == "swinl":
+        report = load_swin_checkpoint(model.backbone, spec)
+        log(f"backbone: {spec} (skipped {len(report['skipped'])} classifier entries; "
+            f"initialised {', '.join(report['initialised'])})")
+    else:
+        state = read_checkpoint(spec)
+        state = {k: v for k, v in state.get("model", state).items() if not k.startswith("fc.")}
+        missing, unexpected = model.backbone.body.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{spec} is not a torchvision ResNet state dict: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        log(f"backbone: {spec}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:8]))
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", help="COCO-layout folder: train2017/, val2017/, annotations/instances_{train,val}2017.json")
+    for split in ("train", "val"):
+        data.add_argument(f"--{split}-images", help=f"{split} image folder (any layout; with --{split}-json)")
+        data.add_argument(f"--{split}-json", help=f"COCO-format annotation file of --{split}-images")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", help="checkpoints, log.jsonl, metrics.json (default: outputs, demo_output)")
+    run.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    run.add_argument("--pretrained", metavar="CKPT", help="start from a checkpoint (ours or official DINO)")
+    run.add_argument("--pretrained-backbone", metavar="FILE", help="'imagenet' (torchvision, ResNets) or a weights file")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--demo", action="store_true", help="train a small model on generated shapes (CPU, ~10 min)")
+    hyper = parser.add_argument_group("hyperparameters (config.py; defaults are the seed's)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            hyper.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"default {f.default}")
+        else:
+            hyper.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=f"default {f.default}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = torch.device(args.device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+
+    output_dir = Path(args.output_dir or ("demo_output" if args.demo else "outputs"))
+    if args.demo:
+        data_dir = output_dir / "data"
+        if is_main and not (data_dir / "annotations" / "instances_val2017.json").exists():
+            log(f"generating the shapes dataset in {data_dir}")
+            make_shapes_dataset(data_dir)
+        if distributed:
+            dist.barrier()
+        given = {**DEMO, **given}
+        args.data = str(data_dir)
+    if args.data:
+        train_paths, val_paths = coco_paths(args.data, "train"), coco_paths(args.data, "val")
+    elif args.train_images and args.train_json and args.val_images and args.val_json:
+        train_paths, val_paths = (args.train_images, args.train_json), (args.val_images, args.val_json)
+    else:
+        parser.error("give --data DIR (COCO layout), or --train-images/--train-json/--val-images/--val-json, or --demo")
+
+    checkpoint_path = output_dir / "checkpoint.pth"
+    resumed = None
+    if args.resume:
+        if not checkpoint_path.exists():
+            parser.error(f"--resume: {checkpoint_path} does not exist")
+        resumed = read_checkpoint(str(checkpoint_path))
+        cfg = make_config(**{**resumed["config"], **given})  # flags given now override the saved ones
+    else:
+        cfg = make_config(**given)
+    train_set = CocoDetection(*train_paths, make_transforms(train=True, scale=cfg.scale))
+    val_set = CocoDetection(*val_paths, make_transforms(train=False, scale=cfg.scale))
+    if "num_classes" not in given and resumed is None:
+        cfg = dataclasses.replace(cfg, num_classes=max(train_set.num_classes, val_set.num_classes))
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+
+    model = build_dino(**dataclasses.asdict(cfg)).to(device)
+    if args.pretrained and resumed is None:
+        load_pretrained(model, args.pretrained, log)
+    if args.pretrained_backbone and resumed is None:
+        load_pretrained_backbone(model, args.pretrained_backbone, log)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema else None
+    criterion = Criterion(cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_at_epoch(cfg, epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16)
+    start_epoch, best_ap = 0, -1.0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["lr_scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        if ema is not None and resumed.get("ema") is not None:
+            ema.model.load_state_dict(resumed["ema"])
+        start_epoch, best_ap = resumed["epoch"] + 1, resumed["best_ap"]
+        set_rng_state(resumed["rng"][rank] if rank < len(resumed["rng"]) else resumed["rng"][0])
+        log(f"resumed from {checkpoint_path} at epoch {start_epoch}")
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True) if distributed else model
+    # find_unused_parameters: the denoising label book is unused in a batch without objects
+
+    def loader(dataset, train: bool, epoch: int = 0):
+        if distributed:
+            sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=cfg.seed)
+            sampler.set_epoch(epoch)
+        elif train:  # the order depends on the seed and the epoch only, so a resumed run sees the same batches
+            sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        else:
+            sampler = torch.utils.data.SequentialSampler(dataset)
+        # validation draws its worker seeds from its own generator: evaluating never shifts the training's random stream
+        generator = None if train else torch.Generator().manual_seed(cfg.seed)
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
+                                           num_workers=cfg.num_workers, collate_fn=collate, generator=generator,
+                                           pin_memory=device.type == "cuda")
+
+    log(f"DINO-4scale {cfg.backbone}, {cfg.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters; {len(train_set)} training / {len(val_set)} validation images; {world} process(es) on {device}")
+    categories = {c: train_set.coco.cats[c]["name"] for c in train_set.coco.cats}
+    metrics = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_start = time.time()
+        try:
+            losses = train_one_epoch(train_model, criterion, loader(train_set, True, epoch), optimizer, cfg, epoch,
+                                     device, ema, scaler, is_main)
+        except NonFiniteLoss as e:
+            kept = f"the last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path.exists() else "no checkpoint yet"
+            log(f"stopping: {e}; {kept}")
+            sys.exit(1)
+        scheduler.step()
+        record = {"epoch": epoch, "train": losses, "lr": optimizer.param_groups[0]["lr"]}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            evaluated = ema.model if ema is not None else model
+            metrics = evaluate(evaluated, loader(val_set, False), device, cfg.num_select, cfg.amp)
+            if is_main:
+                log(format_metrics(metrics))
+                record["val"] = metrics
+        record["seconds"] = time.time() - epoch_start
+        rng = [None] * world
+        if distributed:
+            dist.all_gather_object(rng, rng_state())
+        else:
+            rng = [rng_state()]
+        if is_main:
+            checkpoint = {"model": model.state_dict(), "ema": ema.model.state_dict() if ema is not None else None,
+                          "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg),
+                          "categories": categories, "rng": rng, "best_ap": best_ap}
+            if "val" in record and metrics["AP"] > best_ap:
+                best_ap = checkpoint["best_ap"] = metrics["AP"]
+                save_atomically(checkpoint, output_dir / "best.pth")
+                (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            save_atomically(checkpoint, checkpoint_path)
+            with open(output_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+    if is_main and args.demo:
+        final_model = ema.model if ema is not None else model
+        saved = save_pictures(final_model, cfg, val_set, 8, 0.3, output_dir / "vis", device)
+        log(f"demo: AP50 {metrics.get('AP50', 0.0):.3f}, AP {metrics.get('AP', 0.0):.3f} on the generated validation "
+            f"split; pictures of the detections in {saved[0].parent}")
+    if distributed:
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
