@@ -124,9 +124,11 @@ def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int
             last_print = now
             rate = (it + 1) / (now - start)
             main = {k: float(sums[k] / counts[k]) for k in ("loss", "loss_ce", "loss_bbox", "loss_giou")}
+            left = (len(loader) - it - 1 + (cfg.epochs - epoch - 1) * len(loader)) / rate
             print(f"epoch {epoch} [{it + 1}/{len(loader)}] loss {main['loss']:.3f} (ce {main['loss_ce']:.3f} "
                   f"bbox {main['loss_bbox']:.3f} giou {main['loss_giou']:.3f}) lr {optimizer.param_groups[0]['lr']:.2e} "
-                  f"{rate:.2f} it/s, epoch ends in {(len(loader) - it - 1) / rate:.0f} s", flush=True)
+                  f"{rate:.2f} it/s, epoch ends in {(len(loader) - it - 1) / rate:.0f} s, training in "
+                  f"{left / 3600:.1f} h", flush=True)
     return {name: float(sums[name] / counts[name]) for name in sums}
 
 

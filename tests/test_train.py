@@ -87,8 +87,8 @@ def test_fine_tuning_from_a_checkpoint_with_other_classes(shapes, tmp_path, caps
     assert tuned["class_head.weight"].shape == (4, 64)
 
 
-def test_ema_and_amp_on_the_cpu(shapes, tmp_path):
-    run(shapes, tmp_path, "--epochs", "1", "--ema", "--ema-decay", "0.5", "--amp")
+def test_ema_amp_and_backbone_checkpointing_on_the_cpu(shapes, tmp_path):
+    run(shapes, tmp_path, "--epochs", "1", "--ema", "--ema-decay", "0.5", "--amp", "--backbone-checkpointing")
     checkpoint = read_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert checkpoint["ema"] is not None
     assert not torch.equal(checkpoint["ema"]["level_embed"], checkpoint["model"]["level_embed"])
