@@ -1,19 +1,145 @@
 """Multi-scale deformable attention: one entry point, `ms_deform_attn`.
 
-Today every call runs the pure-PyTorch reference in `reference.py`; the CUDA kernel that
-replaces it for CUDA tensors is issue #4.
+CUDA tensors go through the kernel in ms_deform_attn.cu, compiled just in time on first use (about a
+minute; cached by torch in ~/.cache/torch_extensions afterwards); everything else, and every case
+the kernel does not cover, goes through the pure-PyTorch reference in reference.py. If the build
+fails, a warning says why and the reference is used. DINO_MSDA=reference forces the reference.
 """
+import os
+import shutil
+import warnings
+import weakref
+from pathlib import Path
+
+import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .reference import ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "build_extension"]
+
+_SOURCE = Path(__file__).with_name("ms_deform_attn.cu")
+_extension = None
+_build_error: str | None = None
+_checked_metadata: dict[int, tuple] = {}  # id(spatial_shapes) -> (weak reference to it, what was checked)
+
+
+def build_extension(verbose: bool = False):
+    """Compile (or load the cached build of) the CUDA kernel. Raises if the build fails."""
+    from torch.utils import cpp_extension
+    if shutil.which("ninja") is None:  # the pip package's binary, when the virtual environment is not activated
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    # torch guesses CUDA_HOME from where `nvcc` is; when that is a wrapper script (e.g. /usr/local/bin/nvcc)
+    # the guess holds no headers or libcudart: take the standard install location instead
+    if cpp_extension.CUDA_HOME is None or not Path(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h").exists():
+        if Path("/usr/local/cuda/include/cuda_runtime.h").exists():
+            cpp_extension.CUDA_HOME = "/usr/local/cuda"
+    return cpp_extension.load(name="dino_msda", sources=[str(_SOURCE)], verbose=verbose,
+                              extra_cuda_cflags=["-O3"])
+
+
+def _kernel():
+    """The compiled extension, or None (with one warning) if it cannot be built."""
+    global _extension, _build_error
+    if _extension is None and _build_error is None:
+        print("msda_cuda: compiling the multi-scale deformable attention kernel (once; cached afterwards)...", flush=True)
+        try:
+            _extension = build_extension()
+        except Exception as e:  # noqa: BLE001 - any build failure falls back to the reference
+            _build_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            warnings.warn(f"msda_cuda: the CUDA kernel could not be built ({_build_error}); "
+                          f"using the PyTorch reference, which is slower", stacklevel=3)
+    return _extension
+
+
+def _vector_width(dtype: torch.dtype) -> int:
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def _kernel_covers(value: Tensor) -> bool:
+    """The kernel's group of threads per head, D / V, must be a power of two of at most 32."""
+    D = value.shape[-1]
+    V = _vector_width(value.dtype)
+    G = D // V if D % V == 0 else D
+    return value.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) and G <= 32 and G & (G - 1) == 0
+
+
+def _check(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+           attention_weights: Tensor) -> None:
+    if value.dim() != 4:
+        raise ValueError(f"value must be (B, S, M, D), got {tuple(value.shape)}")
+    B, S, M, D = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(f"sampling_locations must be (B, Q, M, L, P, 2), got {tuple(sampling_locations.shape)}")
+    _, Q, _, L, P, _ = sampling_locations.shape
+    if sampling_locations.shape[0] != B or sampling_locations.shape[2] != M:
+        raise ValueError(f"sampling_locations {tuple(sampling_locations.shape)} disagrees with value "
+                         f"{tuple(value.shape)} in batch or heads")
+    if attention_weights.shape != (B, Q, M, L, P):
+        raise ValueError(f"attention_weights must be (B, Q, M, L, P) = {(B, Q, M, L, P)}, "
+                         f"got {tuple(attention_weights.shape)}")
+    if spatial_shapes.shape != (L, 2) or level_start_index.shape != (L,):
+        raise ValueError(f"spatial_shapes must be (L, 2) and level_start_index (L,) with L = {L} levels, got "
+                         f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
+    devices = {t.device for t in (value, sampling_locations, attention_weights)}
+    if len(devices) > 1:
+        raise ValueError(f"value, sampling_locations and attention_weights must be on one device, got {devices}")
+    # the level layout is read (a device-to-host copy) once per tensor: a model passes the same two
+    # tensors to all its layers
+    checked = (spatial_shapes._version, id(level_start_index), level_start_index._version, S)
+    seen = _checked_metadata.get(id(spatial_shapes))
+    if seen is not None and seen[0]() is spatial_shapes and seen[1] == checked:
+        return
+    shapes = spatial_shapes.tolist()
+    starts = [0] + list(torch.tensor([h * w for h, w in shapes]).cumsum(0).tolist())
+    if level_start_index.tolist() != starts[:-1]:
+        raise ValueError(f"level_start_index {level_start_index.tolist()} does not match spatial_shapes "
+                         f"{shapes} (expected {starts[:-1]})")
+    if starts[-1] != S:
+        raise ValueError(f"spatial_shapes {shapes} hold {starts[-1]} tokens but value has S = {S}")
+    if len(_checked_metadata) > 256:  # entries of freed tensors
+        _checked_metadata.clear()
+    _checked_metadata[id(spatial_shapes)] = (weakref.ref(spatial_shapes), checked)
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """Contiguous and 16-byte aligned, for the kernel's vector loads (a view may start mid-vector)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+class _MSDeformAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        # locations and weights in float32 (float64 for float64 values): bf16 would misplace the samples
+        coord = torch.float64 if value.dtype == torch.float64 else torch.float32
+        ctx.dtypes = sampling_locations.dtype, attention_weights.dtype
+        value = _aligned(value)
+        locations, weights = sampling_locations.to(coord).contiguous(), attention_weights.to(coord).contiguous()
+        spatial_shapes = spatial_shapes.to(value.device).contiguous()
+        level_start_index = level_start_index.to(value.device).contiguous()
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, locations, weights)
+        return _extension.forward(value, spatial_shapes, level_start_index, locations, weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = _extension.backward(
+            value, spatial_shapes, level_start_index, locations, weights, _aligned(grad_output))
+        return grad_value, None, None, grad_locations.to(ctx.dtypes[0]), grad_weights.to(ctx.dtypes[1])
 
 
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                    sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
-    """value (B, S, M, D), spatial_shapes (L, 2), level_start_index (L,),
+    """value (B, S, M, D), spatial_shapes (L, 2) long, level_start_index (L,) long,
     sampling_locations (B, Q, M, L, P, 2) in [0, 1], attention_weights (B, Q, M, L, P) -> (B, Q, M * D).
     """
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index,
-                                    sampling_locations, attention_weights)
+    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if (value.is_cuda and os.environ.get("DINO_MSDA") != "reference" and _kernel_covers(value)
+            and _kernel() is not None):
+        return _MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations,
+                                           attention_weights)
+    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

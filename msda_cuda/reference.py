@@ -17,8 +17,13 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_
     spatial_shapes (L, 2) long, (H_l, W_l) per level; level_start_index (L,) long, first token of each level;
     sampling_locations (B, Q, M, L, P, 2), (x, y) normalised to [0, 1] per level;
     attention_weights (B, Q, M, L, P), softmax-normalised over (L, P) by the caller.
-    Returns (B, Q, M * D).
+    Returns (B, Q, M * D) in value's dtype; computed in the wider of value's and the locations' dtypes
+    (bf16 values with float32 locations: float32, as under autocast).
     """
+    out_dtype = value.dtype
+    dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
+    value, sampling_locations = value.to(dtype), sampling_locations.to(dtype)
+    attention_weights = attention_weights.to(dtype)
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
@@ -30,4 +35,4 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_
                                 align_corners=False)  # (B*M, D, Q, P)
         weights_l = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(B * M, 1, Q, P)
         out = out + (sampled * weights_l).sum(-1)
-    return out.view(B, M * D, Q).transpose(1, 2).contiguous()
+    return out.view(B, M * D, Q).transpose(1, 2).contiguous().to(out_dtype)
