@@ -18,12 +18,22 @@ import torchvision
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import FrozenBatchNorm2d, stochastic_depth
+from torchvision.ops import stochastic_depth
 
 BACKBONES = ("r50", "swinl", "r18")
 
 
 # --- ResNet ------------------------------------------------------------------------------------
+
+class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
+    """torchvision's frozen batch norm, computing in the input's dtype: under bf16 autocast its float32
+    statistics would otherwise promote every activation after it to float32 (twice the memory)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
+
 
 class ResNet(nn.Module):
     """torchvision ResNet with frozen batch norm; returns the outputs of layer2, layer3, layer4."""

@@ -23,7 +23,10 @@ class Config:
     dec_n_points: int = 4               # P in the decoder's deformable attention
     pe_temperature: float = 20.0        # sine position encoding of the feature maps (official: 20, DETR: 10000)
     drop_path_rate: float = 0.2         # Swin-L stochastic depth (official DINO's Swin default)
-    backbone_checkpointing: bool = False  # activation checkpointing in the backbone: memory for compute
+    # activation checkpointing (recompute in the backward instead of storing): memory for compute
+    backbone_checkpointing: bool = False   # per ResNet layer / Swin block
+    encoder_checkpointing: bool = False    # per encoder layer
+    decoder_checkpointing: bool = False    # per decoder layer
     # contrastive denoising (Sec. 3.3)
     dn_number: int = 100                # DN queries per image: groups = dn_number // (largest object count)
     dn_box_noise_scale: float = 0.4     # lambda_1; negatives get noise in [lambda_1, 2 * lambda_1)

@@ -126,8 +126,8 @@ class CocoDetection(torch.utils.data.Dataset):
     "orig_size" and "size", (height, width) before and after augmentation.
     """
 
-    def __init__(self, image_dir: str | Path, ann_file: str | Path, transforms: v2.Transform, keep_crowd: bool = False):
-        self.image_dir, self.transforms, self.keep_crowd = Path(image_dir), transforms, keep_crowd
+    def __init__(self, image_dir: str | Path, ann_file: str | Path, transforms: v2.Transform):
+        self.image_dir, self.transforms = Path(image_dir), transforms
         self.coco = load_coco(ann_file)
         self.ids = sorted(self.coco.imgs)
         missing = [self.coco.imgs[i]["file_name"] for i in self.ids
@@ -150,7 +150,8 @@ class CocoDetection(torch.utils.data.Dataset):
         json_size = (info["width"], info["height"]) if "width" in info and "height" in info else None
         image = read_image(self.image_dir / info["file_name"], json_size)
         W, H = image.size
-        anns = [a for a in self.coco.imgToAnns[image_id] if self.keep_crowd or not a.get("iscrowd", 0)]
+        # crowd regions are no training targets; COCOeval reads them from the annotation file itself
+        anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes = box_convert(boxes, "xywh", "xyxy")
         sample = {"image": tv_tensors.Image(TF.pil_to_tensor(image)),

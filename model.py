@@ -20,6 +20,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import box_convert
 
 from backbone import build_backbone
@@ -60,7 +61,7 @@ def sine_position_embedding(mask: Tensor, num_feats: int, temperature: float) ->
 
 
 def box_sine_embedding(boxes: Tensor, num_feats: int) -> Tensor:
-    """Sine encoding of anchor boxes for the positional queries (DAB-DETR arXiv 2201.12329v4 Eq. 4).
+    """Sine encoding of anchor boxes for the positional queries (DAB-DETR arXiv 2201.12329v4 Sec. 4.2).
 
     boxes (B, Q, 4) (cx, cy, w, h). Returns (B, Q, 4 * num_feats) ordered (y, x, w, h) as official
     DINO, temperature 10000 (not pe_temperature).
@@ -174,16 +175,25 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(src + self.ffn(src))
 
 
+def run_layer(layer: nn.Module, checkpointed: bool, *args):
+    """layer(*args), recomputed in the backward pass instead of stored when `checkpointed` (training only)."""
+    if checkpointed and layer.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.checkpointing = cfg.encoder_checkpointing
 
     def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                 ratios: Tensor, padding_mask: Tensor) -> Tensor:
         reference_points = encoder_reference_points(spatial_shapes.tolist(), ratios)  # (B, S, L, 2)
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            src = run_layer(layer, self.checkpointing, src, pos, reference_points, spatial_shapes,
+                            level_start_index, padding_mask)
         return src  # memory (B, S, C)
 
 
@@ -220,8 +230,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.norm = nn.LayerNorm(cfg.hidden_dim)
-        # positional query P = MLP(PE(anchor)) (DAB-DETR Eq. 4): 4 coordinates of C/2 features each
+        # positional query P = MLP(PE(anchor)) (DAB-DETR Sec. 4.2): 4 coordinates of C/2 features each
         self.query_pos_head = MLP(2 * cfg.hidden_dim, cfg.hidden_dim, cfg.hidden_dim, 2)
+        self.checkpointing = cfg.decoder_checkpointing
 
     def forward(self, query: Tensor, anchors: Tensor, memory: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, ratios: Tensor, memory_padding_mask: Tensor,
@@ -239,8 +250,8 @@ class Decoder(nn.Module):
             reference_boxes = anchors[:, :, None] * ratios4  # (B, Q, L, 4) in each padded map's units
             # official DINO: the positional query encodes the box scaled by level 0's valid ratio
             query_pos = self.query_pos_head(box_sine_embedding(reference_boxes[:, :, 0], query.shape[-1] // 2))
-            query = layer(query, query_pos, reference_boxes, memory, spatial_shapes, level_start_index,
-                          memory_padding_mask, self_attn_mask)
+            query = run_layer(layer, self.checkpointing, query, query_pos, reference_boxes, memory, spatial_shapes,
+                              level_start_index, memory_padding_mask, self_attn_mask)
             # official DINO: the refinement reads the layer's output before the shared final norm
             refined = (box_head(query) + inverse_sigmoid(anchors)).sigmoid()
             hidden_states.append(self.norm(query))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from backbone import build_backbone, load_swin_checkpoint
@@ -86,34 +87,44 @@ def lr_at_epoch(cfg: Config, epoch: int) -> float:
     return 0.1 if epoch >= cfg.lr_drop else 1.0
 
 
+def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images: Tensor, mask: Tensor,
+               targets: list[dict], cfg: Config) -> dict[str, Tensor]:
+    """forward (autocast under --amp), loss terms, weighted sum, backward, clip, step. Returns the terms;
+    raises NonFiniteLoss, before the step, if the loss is not finite in any process."""
+    dtype = amp_dtype(images.device, cfg.amp)
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outputs = model(images, mask, targets)
+    terms = criterion(outputs, targets)  # in float32: the criterion casts the predictions
+    loss = terms["loss"]
+    check = loss.detach().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(check)  # every process stops together
+    if not math.isfinite(check.item()):
+        raise NonFiniteLoss(f"loss is {check.item()} (this process's terms: "
+                            f"{ {k: round(v.item(), 4) for k, v in terms.items()} })")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.clip_max_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return terms
+
+
 def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int, device, ema: EMA | None,
                     scaler: torch.amp.GradScaler, is_main: bool) -> dict:
-    """One pass over the data: forward, loss terms, weighted sum, backward, clip, step. Returns the
-    epoch's mean of every (unweighted) loss term."""
+    """One pass over the data with train_step. Returns the epoch's mean of every (unweighted) loss term."""
     model.train()
-    dtype = amp_dtype(device, cfg.amp)
     sums, counts = {}, {}
     start = last_print = time.time()
     for it, (images, mask, targets) in enumerate(loader):
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = model(images, mask, targets)
-        terms = criterion(outputs, targets)  # in float32: the criterion casts the predictions
-        loss = terms["loss"]
-        check = loss.detach().clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(check)  # every process stops together
-        if not math.isfinite(check.item()):
-            raise NonFiniteLoss(f"loss is {check.item()} at epoch {epoch}, iteration {it} (this process's terms: "
-                                f"{ {k: round(v.item(), 4) for k, v in terms.items()} })")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_max_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        try:
+            terms = train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"{e} at epoch {epoch}, iteration {it}") from None
         if ema is not None:
             ema.update(model.module if isinstance(model, DistributedDataParallel) else model)
         for name, value in terms.items():

@@ -105,3 +105,17 @@ def test_distributed_training_with_two_processes(shapes, tmp_path):
     assert "2 process(es)" in result.stdout
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
     assert read_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 0
+
+
+def test_train_step_benchmark_runs(tmp_path):
+    """bench/train_step.py end to end on a toy configuration (its real figures need a GPU)."""
+    common = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--backbone", "r18", "--scale", "0.1",
+              "--iters", "1", "--device", "cpu", "--set", "hidden_dim=64", "num_queries=20", "enc_layers=1",
+              "dec_layers=1", "dim_feedforward=64"]
+    result = subprocess.run(common + ["--batch-size", "1", "--only", "bf16 + all ckpt"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bf16 + all ckpt" in result.stdout and "images/s" in result.stdout
+    result = subprocess.run(common + ["--inference"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "inference batch 1, bf16" in result.stdout

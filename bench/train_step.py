@@ -1,0 +1,128 @@
+"""Training-step speed and peak memory, each memory option on and off; inference FPS.
+
+    python bench/train_step.py --backbone swinl --scale 1.5 --batch-size 2   # the seed's Swin-L recipe, batch 2
+    python bench/train_step.py --backbone r50 --batch-size 2                 # R50-4scale at 800x1333
+    python bench/train_step.py --inference                                   # R50-4scale FPS at 800x1333
+
+Training runs --iters steps of train.train_step (forward, loss, backward, clip, AdamW step, exactly as
+train.py) on generated images of the recipe's largest size (800x1333 times --scale) with 20 random
+boxes each, after 2 warm-up steps, for each configuration: plain float32, then bf16 autocast, then
+adding activation checkpointing of the backbone, the encoder and the decoder one at a time. It prints
+iterations/s, images/s and peak memory (torch.cuda.max_memory_allocated). --inference times the
+whole detector, image tensor to post-processed boxes, batch 1, in float32 and in bf16.
+"""
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from config import make_config  # noqa: E402
+from losses import Criterion  # noqa: E402
+from model import build_dino, postprocess  # noqa: E402
+from train import build_optimizer, train_step  # noqa: E402
+
+CONFIGS = [
+    ("fp32", dict()),
+    ("bf16", dict(amp=True)),
+    ("bf16 + backbone ckpt", dict(amp=True, backbone_checkpointing=True)),
+    ("bf16 + backbone, encoder ckpt", dict(amp=True, backbone_checkpointing=True, encoder_checkpointing=True)),
+    ("bf16 + all ckpt", dict(amp=True, backbone_checkpointing=True, encoder_checkpointing=True,
+                             decoder_checkpointing=True)),
+]
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batch(size: tuple[int, int], batch_size: int, device: torch.device, num_classes: int = 91, boxes: int = 20):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, *size, generator=g).to(device)
+    mask = torch.zeros(batch_size, *size, dtype=torch.bool, device=device)
+    targets = [{"labels": torch.randint(0, num_classes, (boxes,), generator=g).to(device),
+                "boxes": torch.cat([torch.rand(boxes, 2, generator=g) * 0.6 + 0.2,
+                                    torch.rand(boxes, 2, generator=g) * 0.3 + 0.05], -1).to(device)}
+               for _ in range(batch_size)]
+    return images, mask, targets
+
+
+def time_training(overrides: dict, size, batch_size: int, iters: int, device: torch.device) -> tuple[float, float | None]:
+    """(seconds per iteration, peak GiB or None off CUDA) for one configuration."""
+    cfg = make_config(**overrides)
+    torch.manual_seed(0)
+    model = build_dino(**dataclasses.asdict(cfg)).to(device).train()
+    criterion, optimizer = Criterion(cfg), build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
+    images, mask, targets = batch(size, batch_size, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(iters + 2):
+        if i == 2:  # after the warm-up
+            synchronize(device)
+            start = time.perf_counter()
+        train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / iters
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    del model, optimizer
+    return seconds, peak
+
+
+@torch.no_grad()
+def time_inference(backbone: str, size, iters: int, device: torch.device, amp: bool, **overrides) -> float:
+    """Images per second, batch 1, end to end."""
+    torch.manual_seed(0)
+    model = build_dino(backbone, **overrides).to(device).eval()
+    images, mask, _ = batch(size, 1, device)
+    for i in range(iters + 3):
+        if i == 3:
+            synchronize(device)
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(images, mask)
+        postprocess({k: out[k].float() for k in ("pred_logits", "pred_boxes")}, [size])
+    synchronize(device)
+    return iters / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="r50")
+    parser.add_argument("--scale", type=float, default=1.0, help="image size 800x1333 times this")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--inference", action="store_true", help="time inference instead (fp32 and bf16)")
+    parser.add_argument("--only", help="run only the configuration with this name (e.g. 'bf16 + all ckpt')")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="model overrides for a quick run, e.g. hidden_dim=64 num_queries=100")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    size = (round(800 * args.scale), round(1333 * args.scale))
+    extra = {k: type(getattr(make_config(), k))(v) for k, v in (item.split("=") for item in args.set)}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}, DINO-4scale {args.backbone}, images {size[0]}x{size[1]}")
+    if args.inference:
+        for amp in (False, True):
+            fps = time_inference(args.backbone, size, args.iters, device, amp, **extra)
+            print(f"inference batch 1, {'bf16' if amp else 'fp32'}: {fps:.1f} images/s")
+        return
+    print(f"training, batch {args.batch_size} per step, {args.iters} steps")
+    print(f"{'configuration':32s} {'it/s':>7s} {'images/s':>9s} {'peak GiB':>9s}")
+    for config_name, options in CONFIGS:
+        if args.only and config_name != args.only:
+            continue
+        seconds, peak = time_training({"backbone": args.backbone, "scale": args.scale, **extra, **options},
+                                      size, args.batch_size, args.iters, device)
+        peak_text = f"{peak:9.2f}" if peak is not None else "      n/a"
+        print(f"{config_name:32s} {1 / seconds:7.2f} {args.batch_size / seconds:9.2f} {peak_text}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
