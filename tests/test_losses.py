@@ -126,3 +126,15 @@ def test_num_boxes_is_averaged_over_processes():
     results = mp.Manager().dict()
     mp.spawn(_distributed_num_boxes, args=(2, port, results), nprocs=2)
     assert results[0] == pytest.approx(0.2 * 1 / 2) and results[1] == pytest.approx(0.2 * 3 / 2)
+
+
+def test_without_denoising_model_and_criterion_still_train():
+    from conftest import tiny_dino
+    model = tiny_dino(num_classes=3, dn_number=0).train()
+    targets = [{k: v.float() if v.is_floating_point() else v for k, v in TARGETS[0].items()}]
+    out = model(torch.randn(1, 3, 96, 128), targets=targets)
+    assert "dn_outputs" not in out
+    terms = build_criterion(3)(out, targets)
+    assert not any("_dn" in name for name in terms)
+    terms["loss"].backward()
+    assert model.class_head.weight.grad is not None
