@@ -1,9 +1,9 @@
 """Parameter counts of DINO-4scale R50 and Swin-L here and in official DINO.
 
-The official counts come from the key lists in shared/reference (every state_dict entry of the
+The official counts come from the key lists in reference/ (every state_dict entry of the
 official models with its shape): learned parameters are the entries that are neither buffers
 (frozen batch-norm statistics and affine terms, Swin's relative_position_index) nor aliases of the
-shared decoder heads. Usage: python scripts/param_count.py [path/to/shared/reference]
+shared decoder heads. Usage: python scripts/param_count.py [path/to/reference]
 """
 import json
 import math
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import build_dino  # noqa: E402
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 KEY_LISTS = {"r50": "official_r50_keys.json", "swinl": "official_swinl_keys.json"}
 
 

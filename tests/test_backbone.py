@@ -8,7 +8,7 @@ import torchvision
 
 from backbone import Swin, SwinTransformer, build_backbone, load_swin_checkpoint
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 
 
 @pytest.mark.parametrize("name, channels", [("r18", [128, 256, 512]), ("r50", [512, 1024, 2048])])
