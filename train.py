@@ -34,7 +34,7 @@ from config import Config, make_config
 from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
 from eval import amp_dtype, evaluate, format_metrics, save_pictures
 from losses import Criterion
-from model import CLASS_SPECIFIC, DINO, build_dino, load_checkpoint, read_checkpoint
+from model import DINO, build_dino, load_checkpoint, read_checkpoint
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
 DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
@@ -233,6 +233,14 @@ def main(argv: list[str] | None = None) -> dict:
     log = print if is_main else (lambda *a, **k: None)
 
     output_dir = Path(args.output_dir or ("demo_output" if args.demo else "outputs"))
+    if args.demo and not args.output_dir and not args.resume:  # a repeated `make demo` keeps the earlier one
+        n = 1
+        while (output_dir / "checkpoint.pth").exists():
+            n += 1
+            output_dir = Path(f"demo_output_{n}")
+    if (output_dir / "checkpoint.pth").exists() and not args.resume:
+        parser.error(f"{output_dir} already holds a run's checkpoint: pass --resume to continue it, "
+                     f"or choose another --output-dir")
     if args.demo:
         data_dir = output_dir / "data"
         if is_main and not (data_dir / "annotations" / "instances_val2017.json").exists():
@@ -319,8 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
             kept = f"the last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path.exists() else "no checkpoint yet"
             log(f"stopping: {e}; {kept}")
             sys.exit(1)
+        record = {"epoch": epoch, "train": losses, "lr": optimizer.param_groups[0]["lr"]}  # this epoch's
         scheduler.step()
-        record = {"epoch": epoch, "train": losses, "lr": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             evaluated = ema.model if ema is not None else model
             metrics = evaluate(evaluated, loader(val_set, False), device, cfg.num_select, cfg.amp)

@@ -119,3 +119,10 @@ def test_train_step_benchmark_runs(tmp_path):
     result = subprocess.run(common + ["--inference"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "inference batch 1, bf16" in result.stdout
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(shapes, tmp_path):
+    run(shapes, tmp_path, "--epochs", "1")
+    with pytest.raises(SystemExit):
+        run(shapes, tmp_path, "--epochs", "1")
+    assert read_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 0
