@@ -9,14 +9,14 @@ group; groups are repeated with fresh noise, and no group may see another, nor m
 queries see any of them (the attention mask below).
 
 Dynamic groups: the number of groups is `dn_number // G_max`, at least 1, where G_max is the
-largest object count in the batch, so there are never more than 2 * dn_number DN queries: sparse
-images get many groups, crowded ones few. Images with fewer than G_max objects fill their free
+largest object count in the batch, so there are at most 2 * max(dn_number, G_max) DN queries:
+sparse images get many groups, crowded ones few. Images with fewer than G_max objects fill their free
 slots with padding queries (zero content, the centred box (0.5, 0.5, 0.5, 0.5)), which are
 trained as "no object" like the negatives. A batch without objects gets no DN queries at all.
 
 Differs from official DINO: the group count is spelled out as max(1, dn_number // G_max) for any
 dn_number (official DINO only adapts it when dn_number >= 50), and the noise is drawn from
-torch's generator on the targets' device.
+torch's generator on the model's device.
 """
 from dataclasses import dataclass
 
