@@ -23,6 +23,13 @@ from torchvision.ops import stochastic_depth
 BACKBONES = ("r50", "swinl", "r18")
 
 
+def run_layer(layer: nn.Module, checkpointed: bool, *args):
+    """layer(*args), recomputed in the backward pass instead of stored when `checkpointed` (training only)."""
+    if checkpointed and layer.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 # --- ResNet ------------------------------------------------------------------------------------
 
 class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
@@ -55,11 +62,9 @@ class ResNet(nn.Module):
         self.activation_checkpointing = activation_checkpointing
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        if not (self.activation_checkpointing and self.training):
-            return list(self.body(images).values())
         x, outs = images, []
         for name, module in self.body.items():
-            x = checkpoint(module, x, use_reentrant=False) if name.startswith("layer") else module(x)
+            x = run_layer(module, self.activation_checkpointing and name.startswith("layer"), x)
             if name in ("layer2", "layer3", "layer4"):
                 outs.append(x)
         return outs
@@ -190,10 +195,7 @@ class SwinStage(nn.Module):
         """x (B, H*W, C) -> this stage's output (B, H*W, C) and the merged input of the next stage."""
         mask = self.shift_mask(H, W, x)
         for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, H, W, mask, use_reentrant=False)
-            else:
-                x = block(x, H, W, mask)
+            x = run_layer(block, self.activation_checkpointing, x, H, W, mask)
         return x, (self.downsample(x, H, W) if self.downsample is not None else None)
 
 

@@ -39,6 +39,12 @@ def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def amp_autocast(device: torch.device, amp: bool):
+    """The autocast context of --amp (amp_dtype), or a no-op without it."""
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict:
     """COCO box metrics of `detections` (COCO result dicts) on `image_ids`, with AP per category."""
     metrics = {name: 0.0 for name in METRIC_NAMES}
@@ -88,9 +94,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_select: i
     dataset = loader.dataset
     model.eval()
     results, image_ids = [], []
-    dtype = amp_dtype(device, amp)
     for images, mask, targets in loader:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with amp_autocast(device, amp):
             outputs = model(images.to(device), mask.to(device))
         outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)

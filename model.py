@@ -14,16 +14,16 @@ This model computes what official DINO (IDEA-Research/DINO, DINO-4scale) compute
 weights; `load_checkpoint` maps official names onto ours. Where that meant keeping an official
 detail the paper does not describe, the line says "official DINO".
 """
+import argparse
 import math
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.ops import box_convert
 
-from backbone import build_backbone
+from backbone import build_backbone, run_layer
 from config import Config, make_config
 from deformable_attn import MSDeformAttn
 from denoising import DNQueries, build_cdn_queries
@@ -175,22 +175,16 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(src + self.ffn(src))
 
 
-def run_layer(layer: nn.Module, checkpointed: bool, *args):
-    """layer(*args), recomputed in the backward pass instead of stored when `checkpointed` (training only)."""
-    if checkpointed and layer.training and torch.is_grad_enabled():
-        return checkpoint(layer, *args, use_reentrant=False)
-    return layer(*args)
-
-
 class Encoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.checkpointing = cfg.encoder_checkpointing
 
-    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                ratios: Tensor, padding_mask: Tensor) -> Tensor:
-        reference_points = encoder_reference_points(spatial_shapes.tolist(), ratios)  # (B, S, L, 2)
+    def forward(self, src: Tensor, pos: Tensor, shapes: list[tuple[int, int]], spatial_shapes: Tensor,
+                level_start_index: Tensor, ratios: Tensor, padding_mask: Tensor) -> Tensor:
+        """shapes: the (H_l, W_l) of spatial_shapes as Python ints, so no device-to-host copy is needed."""
+        reference_points = encoder_reference_points(shapes, ratios)  # (B, S, L, 2)
         for layer in self.layers:
             src = run_layer(layer, self.checkpointing, src, pos, reference_points, spatial_shapes,
                             level_start_index, padding_mask)
@@ -361,7 +355,7 @@ class DINO(nn.Module):
         padding_mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
 
-        memory = self.encoder(src, pos, spatial_shapes, level_start_index, ratios, padding_mask)
+        memory = self.encoder(src, pos, shapes, spatial_shapes, level_start_index, ratios, padding_mask)
         content, anchors_unsig, interm = self.mixed_query_selection(memory, padding_mask, shapes)
 
         dn = None
@@ -480,7 +474,6 @@ def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor
 
 def read_checkpoint(path: str) -> dict:
     # official checkpoints also hold their argparse.Namespace of settings: allow just that class
-    import argparse
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

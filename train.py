@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from backbone import build_backbone, load_swin_checkpoint
 from config import Config, make_config
 from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
-from eval import amp_dtype, evaluate, format_metrics, save_pictures
+from eval import amp_autocast, amp_dtype, evaluate, format_metrics, save_pictures
 from losses import Criterion
 from model import DINO, build_dino, load_checkpoint, read_checkpoint
 
@@ -91,8 +91,7 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
                targets: list[dict], cfg: Config) -> dict[str, Tensor]:
     """forward (autocast under --amp), loss terms, weighted sum, backward, clip, step. Returns the terms;
     raises NonFiniteLoss, before the step, if the loss is not finite in any process."""
-    dtype = amp_dtype(images.device, cfg.amp)
-    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with amp_autocast(images.device, cfg.amp):
         outputs = model(images, mask, targets)
     terms = criterion(outputs, targets)  # in float32: the criterion casts the predictions
     loss = terms["loss"]

@@ -55,7 +55,7 @@ def _kernel():
 
 
 def _vector_width(dtype: torch.dtype) -> int:
-    return 16 // torch.empty((), dtype=dtype).element_size()
+    return 16 // dtype.itemsize
 
 
 def _kernel_covers(value: Tensor) -> bool:
