@@ -13,8 +13,9 @@ The same L is applied to
 - the denoising queries of every layer ("_dn", "_dn_0", ...), with their known assignment: a positive
   query reconstructs its object; negatives and padding queries get no object and so learn "no
   object" through the class term alone (Sec. 3.3). Normalised by the number of objects times groups.
-Differs from official DINO: no logging-only terms (class_error, cardinality), and the DN terms are
-present only when denoising queries were built.
+Differs from official DINO: no logging-only terms (class_error, cardinality), the DN terms are
+present only when denoising queries were built, and GIoU is torchvision's, without the official
+1e-6 epsilon (the terms agree with the official criterion's to 1e-5).
 """
 import torch
 import torch.distributed as dist
