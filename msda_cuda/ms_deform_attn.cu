@@ -28,10 +28,17 @@
 // locations and weights) are warp shuffles inside the group: G is a power of two that divides 32, and
 // each (b, q, m, l, p) result has exactly one writer, so only grad_value needs atomics. grad_value
 // for half types accumulates in a float32 buffer.
+//
+// Built with -DMSDA_EMULATE, this file is plain C++ and its kernels run on the CPU under
+// tests/cuda_emulation.h: that is how the tests check the kernels on machines without a GPU.
 #include <torch/extension.h>
+#ifdef MSDA_EMULATE
+#include "cuda_emulation.h"
+#else
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace {
 
@@ -57,7 +64,7 @@ __device__ __forceinline__ void store(scalar_t* p, const acc_t (&in)[V]) {
 
 template <typename grad_t, typename acc_t, int V>
 __device__ __forceinline__ void atomic_add(grad_t* p, const acc_t (&in)[V], acc_t scale) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(MSDA_EMULATE)  // the emulator takes Hopper's path
   constexpr bool vector_atomic = std::is_same_v<grad_t, float> && V % 4 == 0;  // 16-byte atomics on Hopper
 #else
   constexpr bool vector_atomic = false;
@@ -215,6 +222,25 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value, const int64_
 
 constexpr int kThreads = 256;
 
+#ifdef MSDA_EMULATE
+constexpr auto kDeviceType = at::kCPU;  // where the emulated kernels find their tensors
+#else
+constexpr auto kDeviceType = at::kCUDA;
+#endif
+
+// Every launch: `threads` threads in 1-D blocks of kThreads, on the current stream of `like`'s device.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int64_t threads, const at::Tensor& like, Args... args) {
+  const dim3 blocks((threads + kThreads - 1) / kThreads);
+#ifdef MSDA_EMULATE
+  cuda_emulation::launch(kernel, blocks, dim3(kThreads), args...);
+#else
+  const at::cuda::OptionalCUDAGuard guard(like.device());
+  kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
 // V: channels per thread. 16-byte vectors where the channels of a head allow it, else one at a time;
 // either way the group size D / V must be a power of two dividing 32 (checked by the caller).
 template <typename scalar_t>
@@ -230,8 +256,10 @@ int vector_width(int D, const void* ptr) {
 
 void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                   const at::Tensor& locations, const at::Tensor& weights) {
+  TORCH_CHECK(value.device().type() == kDeviceType, "ms_deform_attn: value must be a ", kDeviceType,
+              " tensor, got one on ", value.device());
   for (const at::Tensor* t : {&value, &spatial_shapes, &level_start_index, &locations, &weights}) {
-    TORCH_CHECK(t->is_cuda() && t->device() == value.device(), "ms_deform_attn: all tensors must be on ", value.device());
+    TORCH_CHECK(t->device() == value.device(), "ms_deform_attn: all tensors must be on ", value.device());
     TORCH_CHECK(t->is_contiguous(), "ms_deform_attn: tensors must be contiguous");
   }
   TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
@@ -256,26 +284,17 @@ at::Tensor ms_deform_attn_forward(const at::Tensor& value, const at::Tensor& spa
                                   const at::Tensor& level_start_index, const at::Tensor& locations,
                                   const at::Tensor& weights) {
   check_inputs(value, spatial_shapes, level_start_index, locations, weights);
-  const at::cuda::OptionalCUDAGuard guard(value.device());
   const Dims d = dims_of(value, locations);
   auto out = at::empty({value.size(0), d.Q, d.M * d.D}, value.options());
   if (d.groups == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward", [&] {
     using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    constexpr int VW = 16 / sizeof(scalar_t);
     const int V = vector_width<scalar_t>(d.D, value.data_ptr());
     const int64_t threads = d.groups * (d.D / V);
-    const dim3 blocks((threads + kThreads - 1) / kThreads);
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    auto args = std::make_tuple(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-                                level_start_index.data_ptr<int64_t>(), locations.data_ptr<coord_t>(),
-                                weights.data_ptr<coord_t>(), out.data_ptr<scalar_t>(), d);
-    constexpr int VW = 16 / sizeof(scalar_t);
-    if (V == VW) {
-      std::apply([&](auto... a) { forward_kernel<scalar_t, coord_t, VW><<<blocks, kThreads, 0, stream>>>(a...); }, args);
-    } else {
-      std::apply([&](auto... a) { forward_kernel<scalar_t, coord_t, 1><<<blocks, kThreads, 0, stream>>>(a...); }, args);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(V == VW ? forward_kernel<scalar_t, coord_t, VW> : forward_kernel<scalar_t, coord_t, 1>, threads, value,
+           value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
+           locations.data_ptr<coord_t>(), weights.data_ptr<coord_t>(), out.data_ptr<scalar_t>(), d);
   });
   return out;
 }
@@ -284,9 +303,10 @@ std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& value, const a
                                                 const at::Tensor& level_start_index, const at::Tensor& locations,
                                                 const at::Tensor& weights, const at::Tensor& grad_out) {
   check_inputs(value, spatial_shapes, level_start_index, locations, weights);
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == value.scalar_type(), "ms_deform_attn: bad grad_output");
-  const at::cuda::OptionalCUDAGuard guard(value.device());
   const Dims d = dims_of(value, locations);
+  TORCH_CHECK(grad_out.device() == value.device() && grad_out.is_contiguous() && grad_out.scalar_type() == value.scalar_type()
+              && grad_out.numel() == value.size(0) * d.Q * d.M * d.D,
+              "ms_deform_attn: grad_output must be a contiguous (B, Q, M * D) tensor like the output");
   const bool half = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
   // scattered sums need float32 at least; every other output is written exactly once
   auto grad_value = at::zeros(value.sizes(), value.options().dtype(half ? at::kFloat : value.scalar_type()));
@@ -296,22 +316,14 @@ std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& value, const a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward", [&] {
       using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       using grad_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      constexpr int VW = 16 / sizeof(scalar_t);
       const int V = std::min(vector_width<scalar_t>(d.D, value.data_ptr()), vector_width<scalar_t>(d.D, grad_out.data_ptr()));
       const int64_t threads = d.groups * (d.D / V);
-      const dim3 blocks((threads + kThreads - 1) / kThreads);
-      auto stream = c10::cuda::getCurrentCUDAStream();
-      auto args = std::make_tuple(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-                                  level_start_index.data_ptr<int64_t>(), locations.data_ptr<coord_t>(),
-                                  weights.data_ptr<coord_t>(), grad_out.data_ptr<scalar_t>(),
-                                  grad_value.data_ptr<grad_t>(), grad_locations.data_ptr<coord_t>(),
-                                  grad_weights.data_ptr<coord_t>(), d);
-      constexpr int VW = 16 / sizeof(scalar_t);
-      if (V == VW) {
-        std::apply([&](auto... a) { backward_kernel<scalar_t, coord_t, grad_t, VW><<<blocks, kThreads, 0, stream>>>(a...); }, args);
-      } else {
-        std::apply([&](auto... a) { backward_kernel<scalar_t, coord_t, grad_t, 1><<<blocks, kThreads, 0, stream>>>(a...); }, args);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(V == VW ? backward_kernel<scalar_t, coord_t, grad_t, VW> : backward_kernel<scalar_t, coord_t, grad_t, 1>,
+             threads, value, value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+             level_start_index.data_ptr<int64_t>(), locations.data_ptr<coord_t>(), weights.data_ptr<coord_t>(),
+             grad_out.data_ptr<scalar_t>(), grad_value.data_ptr<grad_t>(), grad_locations.data_ptr<coord_t>(),
+             grad_weights.data_ptr<coord_t>(), d);
     });
   }
   return {half ? grad_value.to(value.scalar_type()) : grad_value, grad_locations, grad_weights};

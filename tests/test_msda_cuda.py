@@ -1,9 +1,14 @@
-"""The CUDA kernel of msda_cuda: it builds wherever nvcc exists; with a GPU (`pytest -m cuda`) it is
-checked against the reference: gradcheck in float64, and forward plus all three gradients in
-float32, float16 and bfloat16 on DINO-like shapes."""
+"""The CUDA kernel of msda_cuda, checked against the reference: gradcheck in float64, and forward plus
+all three gradients in float32, float16 and bfloat16 on DINO-like shapes.
+
+Each check runs twice: on a GPU (`pytest -m cuda`; skipped without one) and on the CPU, where the same
+kernel source runs under an emulation of CUDA's threads and warp shuffles (tests/cuda_emulation.h), also
+under AddressSanitizer. The build with nvcc is tested wherever nvcc exists.
+"""
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +16,33 @@ import torch
 
 import msda_cuda
 from msda_cuda import ms_deform_attn, ms_deform_attn_reference
+from msda_emulation import ROOT, asan_environment, build_emulated_extension
 
 cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def emulated_extension():
+    """ms_deform_attn.cu built as C++ (about 40 s; cached): its kernels run on the CPU."""
+    return build_emulated_extension()
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=[cuda, needs_gpu]), pytest.param("emulated", marks=needs_cxx)])
+def kernel(request, monkeypatch):
+    """(device, extension, ms_deform_attn through the kernel) for the GPU, or for the emulation on the CPU."""
+    if request.param == "cuda":
+        extension = msda_cuda._kernel()
+        assert extension is not None, f"the kernel did not build: {msda_cuda._build_error}"
+        return "cuda", extension, ms_deform_attn
+    extension = request.getfixturevalue("emulated_extension")
+    monkeypatch.setattr(msda_cuda, "_extension", extension)
+
+    def through_kernel(*inputs):  # what ms_deform_attn does with CUDA tensors
+        msda_cuda._check(*inputs)
+        return msda_cuda._MSDeformAttnFunction.apply(*inputs)
+    return "cpu", extension, through_kernel
 
 
 def nvcc_major() -> int | None:
@@ -70,39 +99,134 @@ def test_inputs_that_disagree_are_refused():
         ms_deform_attn(value, ss, lsi, loc.to("meta"), w)
 
 
-@cuda
-@needs_gpu
-def test_kernel_gradcheck_float64():
-    inputs = random_inputs([(3, 5), (2, 3)], B=2, Q=3, M=2, D=4, P=2, dtype=torch.float64, device="cuda",
+def test_kernel_gradcheck_float64(kernel):
+    device, _, attend = kernel
+    inputs = random_inputs([(3, 5), (2, 3)], B=2, Q=3, M=2, D=4, P=2, dtype=torch.float64, device=device,
                            requires_grad=True)
     value, ss, lsi, loc, w = inputs
-    fn = lambda v, l, a: ms_deform_attn(v, ss, lsi, l, a)
+    fn = lambda v, l, a: attend(v, ss, lsi, l, a)
     assert torch.autograd.gradcheck(fn, (value, loc, w))
 
 
 DINO_LIKE = [(13, 17), (7, 9), (4, 5), (2, 3)]  # odd sizes, 4 levels
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
-@cuda
-@needs_gpu
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("B", [1, 2, 3])
-@pytest.mark.parametrize("D", [32, 16])
-def test_kernel_matches_the_reference(dtype, tol, B, D):
-    torch.manual_seed(0)
-    value, ss, lsi, loc, w = random_inputs(DINO_LIKE, B=B, Q=37, M=8, D=D, P=4, dtype=dtype, device="cuda",
-                                           requires_grad=True)
-    out = ms_deform_attn(value, ss, lsi, loc, w)
+def assert_matches_the_reference(attend, inputs):
+    """Forward and all three gradients of `attend` against the float64 reference, to the dtype's tolerance."""
+    value, ss, lsi, loc, w = inputs
+    out = attend(value, ss, lsi, loc, w)
     reference_inputs = [t.detach().double().requires_grad_() for t in (value, loc, w)]
     expected = ms_deform_attn_reference(reference_inputs[0], ss, lsi, *reference_inputs[1:])
     grad = torch.randn_like(expected)
     out.backward(grad.to(out.dtype))
     expected.backward(grad)
+    tol = TOLERANCE[value.dtype]
     scale = lambda t: t.abs().max().item() + 1e-6
+    assert out.dtype == value.dtype
     assert (out.double() - expected).abs().max() <= tol * scale(expected)
     for got, want in zip((value.grad, loc.grad, w.grad), (t.grad for t in reference_inputs)):
-        assert got.dtype == (dtype if got is value.grad else loc.dtype)
+        assert got.dtype == (value.dtype if got is value.grad else loc.dtype)
         assert (got.double() - want).abs().max() <= tol * scale(want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 2, 3])
+@pytest.mark.parametrize("D", [32, 16])
+def test_kernel_matches_the_reference(kernel, dtype, B, D):
+    device, _, attend = kernel
+    torch.manual_seed(0)
+    assert_matches_the_reference(attend, random_inputs(DINO_LIKE, B=B, Q=37, M=8, D=D, P=4, dtype=dtype,
+                                                       device=device, requires_grad=True))
+
+
+@pytest.mark.parametrize("dtype, D", [(torch.float64, 1), (torch.float32, 2), (torch.float16, 4),
+                                      (torch.bfloat16, 4), (torch.float64, 32)])
+def test_kernel_matches_the_reference_with_one_channel_per_thread(kernel, dtype, D):
+    """Heads narrower than a 16-byte vector take one channel per thread: groups of D threads (1 to 32)."""
+    device, _, attend = kernel
+    torch.manual_seed(1)
+    assert_matches_the_reference(attend, random_inputs(DINO_LIKE, B=2, Q=9, M=3, D=D, P=3, dtype=dtype,
+                                                       device=device, requires_grad=True))
+
+
+def test_kernel_samples_the_borders_of_every_level(kernel):
+    """Points a hundredth of a pixel either side of each place where a neighbour enters or leaves the map
+    (pixel coordinates -1, 0, W - 1 and W, in x and y): the zero padding, exactly as grid_sample's.
+    Not on those places themselves: sampling has a kink there, whose side float32 rounding decides."""
+    device, _, attend = kernel
+    value, ss, lsi, _, _ = random_inputs(DINO_LIKE, B=1, Q=1, M=2, D=32, P=1, dtype=torch.float32, device=device)
+    delta = 0.01
+    sizes = ss.flip(-1).double()  # (L, 2): (W, H), matching (x, y)
+    crossings = torch.stack([torch.zeros_like(sizes) - 1, torch.zeros_like(sizes), sizes - 1, sizes], -1)
+    pixels = torch.cat([crossings - delta, crossings + delta], -1)  # (L, 2, 8) pixel coordinates per axis
+    x, y = pixels[:, 0, :, None].expand(-1, 8, 8), pixels[:, 1, None, :].expand(-1, 8, 8)  # all 64 pairs
+    locations = (torch.stack([x, y], -1).reshape(4, 64, 2) + 0.5) / sizes[:, None]  # (L, Q, 2) in [0, 1] units
+    locations = locations.permute(1, 0, 2).reshape(1, 64, 1, 4, 1, 2).expand(1, 64, 2, 4, 1, 2)
+    loc = locations.float().contiguous().to(device).requires_grad_()
+    w = torch.rand(1, 64, 2, 4, 1, device=device).requires_grad_()
+    assert_matches_the_reference(attend, [value.requires_grad_(), ss, lsi, loc, w])
+
+
+def test_kernel_backward_takes_a_gradient_that_is_not_vector_aligned(kernel):
+    """grad_output may start mid-vector (a view): the backward then reads one channel per thread."""
+    device, extension, _ = kernel
+    value, ss, lsi, loc, w = random_inputs(DINO_LIKE, B=2, Q=5, M=2, D=32, P=4, dtype=torch.float32, device=device)
+    grad = torch.randn(2 * 5 * 64 + 1, device=device)[1:].view(2, 5, 64)  # 4 bytes past 16-byte alignment
+    assert grad.data_ptr() % 16 != 0
+    got = extension.backward(value, ss, lsi, loc, w, grad)
+    want = extension.backward(value, ss, lsi, loc, w, grad.clone())
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_takes_queries_without_work(kernel):
+    """Q = 0: empty outputs and zero gradients, nothing launched."""
+    device, extension, _ = kernel
+    value, ss, lsi, loc, w = random_inputs(DINO_LIKE, B=2, Q=0, M=2, D=32, P=4, dtype=torch.float32, device=device)
+    assert extension.forward(value, ss, lsi, loc, w).shape == (2, 0, 64)
+    grad_value, grad_loc, grad_w = extension.backward(value, ss, lsi, loc, w, torch.zeros(2, 0, 64, device=device))
+    assert not grad_value.any() and grad_loc.shape == loc.shape and grad_w.shape == w.shape
+
+
+EXERCISE = """
+import sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+import msda_cuda
+from msda_emulation import build_emulated_extension
+from test_msda_cuda import DINO_LIKE, random_inputs
+extension = build_emulated_extension(sanitize=True)
+msda_cuda._extension = extension
+if sys.argv[1] == "exercise":
+    for dtype, D in [(torch.float64, 4), (torch.float32, 32), (torch.float32, 2), (torch.float16, 16), (torch.bfloat16, 4)]:
+        for B in (1, 3):
+            inputs = random_inputs(DINO_LIKE, B=B, Q=7, M=3, D=D, P=4, dtype=dtype, device="cpu", requires_grad=True)
+            inputs[3].data.mul_(1.2).sub_(0.1)  # well beyond the borders, too
+            msda_cuda._MSDeformAttnFunction.apply(*inputs).sum().backward()
+    print("exercised")
+else:  # a value tensor two tokens short: the reads past its end must be caught
+    value, ss, lsi, loc, w = random_inputs(DINO_LIKE, B=1, Q=5, M=2, D=16, P=4, dtype=torch.float32, device="cpu")
+    loc.fill_(0.99)  # the bottom-right pixel of every level: the last token
+    extension.forward(value[:, :-2].clone(), ss, lsi, loc, w)
+    print("not caught")
+"""
+
+
+@needs_cxx
+def test_emulated_kernel_stays_inside_its_tensors():
+    """Under AddressSanitizer: no read or write outside a tensor, for every dtype, vector width and
+    batch size; and a deliberately short value tensor is caught, so the sanitizer is really watching."""
+    env = asan_environment()
+    if env is None:
+        pytest.skip("no AddressSanitizer runtime for this compiler")
+    script = EXERCISE.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    run = lambda mode: subprocess.run([sys.executable, "-c", script, mode], env=env, capture_output=True, text=True)
+    exercised = run("exercise")
+    assert exercised.returncode == 0 and "exercised" in exercised.stdout, exercised.stderr[-4000:]
+    assert "AddressSanitizer" not in exercised.stderr, exercised.stderr[-4000:]
+    caught = run("canary")
+    assert caught.returncode != 0 and "not caught" not in caught.stdout
+    assert "heap-buffer-overflow" in caught.stderr and "ms_deform_attn.cu" in caught.stderr, caught.stderr[-4000:]
 
 
 @cuda
