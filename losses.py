@@ -24,11 +24,11 @@ from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from config import Config, make_config
-from matcher import hungarian_match
+from matcher import hungarian_match_sets
 
 
 def set_loss(logits: Tensor, boxes_cxcywh: Tensor, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
-             num_boxes: float, alpha: float = 0.25, gamma: float = 2.0) -> dict[str, Tensor]:
+             num_boxes: float | Tensor, alpha: float = 0.25, gamma: float = 2.0) -> dict[str, Tensor]:
     """logits (B, Q, K), boxes_cxcywh (B, Q, 4); indices per image (query_idx, target_idx).
     Returns the unweighted terms {"loss_ce", "loss_bbox", "loss_giou"}, computed in float32 at least."""
     if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss is not
@@ -53,24 +53,25 @@ class Criterion:
         self.cfg = cfg
         self.weights = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
 
-    def match(self, out: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
-        c = self.cfg
-        return hungarian_match(out["pred_logits"], out["pred_boxes"], targets, c.set_cost_class, c.set_cost_bbox,
-                               c.set_cost_giou, c.focal_alpha, c.focal_gamma)
-
     def __call__(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """outputs from DINO.forward; targets[b] = {"labels": (G_b,) int64, "boxes": (G_b, 4) cxcywh}.
         Returns every unweighted term plus "loss", their weighted sum."""
         c = self.cfg
-        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=outputs["pred_logits"].device)
-        if dist.is_available() and dist.is_initialized():
+        num_boxes = float(sum(len(t["labels"]) for t in targets))
+        if dist.is_available() and dist.is_initialized():  # a tensor from here on: reading it would wait for the GPU
+            num_boxes = torch.tensor(num_boxes, device=outputs["pred_logits"].device)
             dist.all_reduce(num_boxes)
-            num_boxes = num_boxes / dist.get_world_size()
-        num_boxes = num_boxes.clamp(min=1).item()
+            num_boxes = (num_boxes / dist.get_world_size()).clamp(min=1)
+        else:
+            num_boxes = max(num_boxes, 1.0)
 
         # (suffix, predictions, assignment, normaliser) for every set of predictions that is supervised
-        sets = [("", outputs, None, num_boxes), ("_interm", outputs["interm_outputs"], None, num_boxes)]
-        sets += [(f"_{i}", aux, None, num_boxes) for i, aux in enumerate(outputs["aux_outputs"])]
+        matched = [("", outputs), ("_interm", outputs["interm_outputs"])]
+        matched += [(f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])]
+        assignments = hungarian_match_sets([(out["pred_logits"], out["pred_boxes"]) for _, out in matched], targets,
+                                           c.set_cost_class, c.set_cost_bbox, c.set_cost_giou, c.focal_alpha,
+                                           c.focal_gamma)
+        sets = [(suffix, out, indices, num_boxes) for (suffix, out), indices in zip(matched, assignments)]
         if "dn_outputs" in outputs:
             dn = outputs["dn_queries"]
             known = dn.positive_indices([len(t["labels"]) for t in targets])
@@ -79,8 +80,6 @@ class Criterion:
             sets += [(f"_dn_{i}", aux, known, dn_boxes) for i, aux in enumerate(dn_out["aux_outputs"])]
         terms, total = {}, 0.0
         for suffix, out, indices, normaliser in sets:
-            if indices is None:
-                indices = self.match(out, targets)
             loss = set_loss(out["pred_logits"], out["pred_boxes"], targets, indices, normaliser,
                             c.focal_alpha, c.focal_gamma)
             total = total + sum(self.weights[name] * value for name, value in loss.items())
