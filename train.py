@@ -95,17 +95,19 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
         outputs = model(images, mask, targets)
     terms = criterion(outputs, targets)  # in float32: the criterion casts the predictions
     loss = terms["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.clip_max_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+    # the one wait for the GPU besides the matching's, once the backward is queued: the GPU stays busy
+    # while the host queues it (reading the loss right after the forward would leave it idle meanwhile)
     check = loss.detach().clone()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(check)  # every process stops together
     if not math.isfinite(check.item()):
         raise NonFiniteLoss(f"loss is {check.item()} (this process's terms: "
                             f"{ {k: round(v.item(), 4) for k, v in terms.items()} })")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if cfg.clip_max_norm > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
     scaler.step(optimizer)
     scaler.update()
     return terms
@@ -119,7 +121,8 @@ def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int
     start = last_print = time.time()
     for it, (images, mask, targets) in enumerate(loader):
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                   for t in targets]
         try:
             terms = train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)
         except NonFiniteLoss as e:

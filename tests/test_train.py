@@ -126,3 +126,47 @@ def test_a_new_run_never_overwrites_an_earlier_one(shapes, tmp_path):
     with pytest.raises(SystemExit):
         run(shapes, tmp_path, "--epochs", "1")
     assert read_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 0
+
+
+def test_a_training_step_reads_back_from_the_device_only_twice(monkeypatch):
+    """On a GPU every read of a tensor's value by the host (item, tolist, bool, float, cpu, numpy) waits
+    for all queued work. A training step does it twice: the matching's costs, in one transfer for every
+    decoder layer and the proposals, and the loss check after the backward. Counted here on the CPU,
+    where the same calls are made, by their caller; the second step reuses the level layout."""
+    from conftest import tiny_dino
+    from config import make_config
+    from losses import Criterion
+
+    cfg = make_config(**{"hidden_dim": 64, "nheads": 4, "enc_layers": 2, "dec_layers": 3, "dim_feedforward": 128,
+                         "num_queries": 30, "dn_number": 10, "backbone": "r18", "num_classes": 5})
+    model = tiny_dino(dec_layers=3).train()
+    criterion, optimizer = Criterion(cfg), train.build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images = torch.randn(2, 3, 64, 96)
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    mask[1, :, 80:] = True
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    train.train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)  # makes the level layout
+
+    reads = []
+
+    def spy(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            file = Path(caller.f_code.co_filename)
+            # ours, not torch's optimizer's (host-side steps); and not the attention reference's, which
+            # a GPU replaces by the kernel
+            if file.is_relative_to(ROOT) and "site-packages" not in file.parts and file.name != "reference.py":
+                reads.append((file.name, caller.f_code.co_name, name))
+            return original(self, *args, **kwargs)
+        return read
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    train.train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)
+    monkeypatch.undo()
+    assert sorted(reads) == [("matcher.py", "hungarian_match_sets", "cpu"),
+                             ("matcher.py", "hungarian_match_sets", "numpy"),  # of the host copy
+                             ("train.py", "train_step", "item")]
