@@ -417,7 +417,7 @@ def postprocess(outputs: dict, target_sizes, num_select: int = Config.num_select
     Returns per image {"scores": (n,), "labels": (n,), "boxes": (n, 4) absolute x1y1x2y2}."""
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     B, Q, K = logits.shape
-    target_sizes = torch.as_tensor(target_sizes, device=boxes.device)
+    target_sizes = torch.as_tensor(target_sizes).to(boxes.device, non_blocking=True)  # no wait for the forward
     if target_sizes.shape != (B, 2):
         raise ValueError(f"target_sizes must be (batch, 2) = ({B}, 2) (height, width), got {tuple(target_sizes.shape)}")
     scores, index = logits.sigmoid().view(B, -1).topk(min(num_select, Q * K), dim=1)

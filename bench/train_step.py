@@ -9,7 +9,8 @@ train.py) on generated images of the recipe's largest size (800x1333 times --sca
 boxes each, after 2 warm-up steps, for each configuration: plain float32, then bf16 autocast, then
 adding activation checkpointing of the backbone, the encoder and the decoder one at a time. It prints
 iterations/s, images/s and peak memory (torch.cuda.max_memory_allocated). --inference times the
-whole detector, image tensor to post-processed boxes, batch 1, in float32 and in bf16.
+whole detector, image tensor on the GPU to post-processed boxes on the host, batch 1, in float32 and
+in bf16.
 """
 import argparse
 import dataclasses
@@ -86,7 +87,8 @@ def time_inference(backbone: str, size, iters: int, device: torch.device, amp: b
             start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(images, mask)
-        postprocess({k: out[k].float() for k in ("pred_logits", "pred_boxes")}, [size])
+        detections = postprocess({k: out[k].float() for k in ("pred_logits", "pred_boxes")}, [size])
+        [{k: v.cpu() for k, v in d.items()} for d in detections]  # on the host, where a user reads them
     synchronize(device)
     return iters / (time.perf_counter() - start)
 
