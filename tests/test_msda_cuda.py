@@ -189,6 +189,44 @@ def test_kernel_takes_queries_without_work(kernel):
     assert not grad_value.any() and grad_loc.shape == loc.shape and grad_w.shape == w.shape
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_dino_trains_through_the_kernel_as_through_the_reference(kernel, monkeypatch, amp):
+    """The model's own calls reach the kernel (under bf16 autocast: bf16 values, float32 locations and
+    weights) and give the reference's outputs and parameter gradients."""
+    import deformable_attn
+    from conftest import tiny_dino
+    device, _, attend = kernel
+    torch.manual_seed(0)
+    model = tiny_dino().to(device).train()
+    for module in model.modules():
+        if isinstance(module, deformable_attn.MSDeformAttn):
+            # off the initial integer pixel offsets, where sampling has kinks (one-sided gradients whose
+            # side float32 rounding picks: kernel and reference may pick differently there)
+            torch.nn.init.normal_(module.sampling_offsets.weight, std=0.01)
+    images = torch.randn(2, 3, 64, 96, device=device)
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool, device=device)
+    mask[1, 40:] = True
+    targets = [{"labels": torch.tensor([1, 3], device=device),
+                "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4]], device=device)},
+               {"labels": torch.tensor([2], device=device), "boxes": torch.tensor([[0.5, 0.3, 0.4, 0.4]], device=device)}]
+
+    def train_step(msda):
+        monkeypatch.setattr(deformable_attn, "ms_deform_attn", msda)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same denoising noise
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            out = model(images, mask, targets)
+        outputs = torch.cat([out["pred_logits"].float().flatten(), out["pred_boxes"].float().flatten()])
+        (outputs * torch.linspace(-1, 1, len(outputs), device=device)).sum().backward()
+        return outputs.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    want_outputs, want_grads = train_step(ms_deform_attn_reference)
+    got_outputs, got_grads = train_step(attend)
+    tol = 1e-2 if amp else 1e-5
+    assert (got_outputs - want_outputs).abs().max() <= tol * want_outputs.abs().max()
+    assert (got_grads - want_grads).norm() <= tol * want_grads.norm()
+
+
 EXERCISE = """
 import sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]
