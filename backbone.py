@@ -103,18 +103,23 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """x (nW*B, N, C) with N = w*w; mask (nW, N, N) of 0 / -100, or None. Returns (nW*B, N, C)."""
+        """x (nW*B, N, C) with N = w*w; mask (nW, N, N) of 0 / -100, or None. Returns (nW*B, N, C).
+
+        softmax(q k^T * scale + bias + mask) v, by F.scaled_dot_product_attention: on a GPU a fused kernel
+        that never stores the (N, N) attention of every window and head (differs from official Swin,
+        which does; at DINO's 1.5x training scale that was gigabytes per image)."""
         B_, N, C = x.shape
-        qkv = self.qkv(x).view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # (B_, heads, N, C/heads)
-        attn = q @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
-        attn = attn + bias.permute(2, 0, 1)[None]
-        if mask is not None:
+        h = self.num_heads
+        q, k, v = self.qkv(x).view(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B_, heads, N, C/heads)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, h)
+        bias = bias.permute(2, 0, 1).contiguous()  # (heads, N, N), the same for every window and image
+        if mask is not None:  # shifted windows: each of the nW windows has its own mask; images share them
+            # 4-D for the fused kernels: (B, nW * heads, N, C/heads), masks broadcast over the images
             nW = mask.shape[0]
-            attn = (attn.view(B_ // nW, nW, self.num_heads, N, N) + mask[None, :, None]).view(B_, self.num_heads, N, N)
-        x = (attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, C)
-        return self.proj(x)
+            q, k, v = (t.reshape(B_ // nW, nW * h, N, C // h) for t in (q, k, v))
+            bias = (bias + mask[:, None]).view(1, nW * h, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        return self.proj(x.reshape(B_, h, N, C // h).transpose(1, 2).reshape(B_, N, C))
 
 
 class SwinBlock(nn.Module):

@@ -120,3 +120,36 @@ def test_resnet_loads_torchvision_imagenet_weights_from_the_hub_cache(tmp_path, 
 def test_swin_has_no_torchvision_download():
     with pytest.raises(ValueError, match="load_swin_checkpoint"):
         build_backbone("swinl", pretrained=True)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_swin_window_attention_is_official_swins_formula(shifted):
+    """The fused attention equals Swin's softmax(q k^T * scale + bias + mask) v, written out as the official
+    code does, in float64: outputs and the gradients of the input and of every parameter."""
+    from backbone import WindowAttention
+    torch.manual_seed(0)
+    attention = WindowAttention(dim=24, window_size=3, num_heads=3).double()
+    B, nW, N = 2, 4, 9
+    x = torch.randn(B * nW, N, 24, dtype=torch.float64, requires_grad=True)
+    mask = (torch.randint(0, 2, (nW, N, N)) * -100.0).double() if shifted else None
+
+    def written_out(x):
+        qkv = attention.qkv(x).view(B * nW, N, 3, 3, 8).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * attention.scale, qkv[1], qkv[2]
+        attn = q @ k.transpose(-2, -1)
+        bias = attention.relative_position_bias_table[attention.relative_position_index.view(-1)].view(N, N, -1)
+        attn = attn + bias.permute(2, 0, 1)[None]
+        if mask is not None:
+            attn = (attn.view(B, nW, 3, N, N) + mask[None, :, None]).view(B * nW, 3, N, N)
+        return attention.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(B * nW, N, 24))
+
+    grad = torch.randn(B * nW, N, 24, dtype=torch.float64)
+    results = []
+    for fn in (attention, written_out):
+        attention.zero_grad()
+        x.grad = None
+        out = fn(x, mask) if fn is attention else fn(x)
+        out.backward(grad)
+        results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in attention.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
