@@ -215,7 +215,7 @@ class SwinTransformer(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, kernel_size=4, stride=4)
         self.patch_embed.norm = nn.LayerNorm(embed_dim)
         # stochastic depth grows linearly from 0 to drop_path_rate over all blocks (Swin Sec. 4.1)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.layers = nn.ModuleList(
             SwinStage(dims[i], depths[i], num_heads[i], window_size, dpr[sum(depths[:i]):sum(depths[:i + 1])],
