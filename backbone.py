@@ -34,9 +34,14 @@ def run_layer(layer: nn.Module, checkpointed: bool, *args):
 
 class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
     """torchvision's frozen batch norm, computing in the input's dtype: under bf16 autocast its float32
-    statistics would otherwise promote every activation after it to float32 (twice the memory)."""
+    statistics would otherwise promote every activation after it to float32 (twice the memory).
+    Where no gradient flows (inference; the frozen stem and layer1 in training) it is F.batch_norm, one
+    op instead of seven (an inference forward launches ~370 fewer kernels); where one does, the
+    explicit form, whose backward computes no gradients for the frozen statistics."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
         return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]

@@ -153,3 +153,24 @@ def test_swin_window_attention_is_official_swins_formula(shifted):
         results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in attention.parameters()])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_frozen_batch_norm_is_the_same_with_and_without_gradients(dtype):
+    """One fused op where no gradient flows, the explicit form where one does: the same numbers, in the
+    input's dtype."""
+    from backbone import FrozenBatchNorm2d
+    torch.manual_seed(0)
+    bn = FrozenBatchNorm2d(6)
+    bn.weight.normal_(), bn.bias.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    bn = bn.double() if dtype == torch.float64 else bn  # statistics stay float32 under bf16, as in autocast
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    want = (x - bn.running_mean.double()[:, None, None]) / (bn.running_var.double()[:, None, None] + bn.eps).sqrt()
+    want = want * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
+    with torch.no_grad():
+        fused = bn(x.to(dtype))
+    explicit = bn(x.to(dtype).requires_grad_())
+    tol = 1e-12 if dtype == torch.float64 else 3e-2
+    for got in (fused, explicit):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
