@@ -69,11 +69,8 @@ def box_sine_embedding(boxes: Tensor, num_feats: int) -> Tensor:
     """
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
     dim_t = 10000 ** (2 * (dim_t // 2) / num_feats)
-    parts = []
-    for i in (1, 0, 2, 3):
-        pos = boxes[..., i, None] * (2 * math.pi) / dim_t  # (B, Q, F)
-        parts.append(torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2))
-    return torch.cat(parts, dim=-1)
+    pos = boxes[..., [1, 0, 2, 3], None] * (2 * math.pi) / dim_t  # (B, Q, 4, F): y, x, w, h at once
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-3)
 
 
 def valid_ratios(mask: Tensor) -> Tensor:
