@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import msda_cuda  # noqa: E402
 from msda_cuda import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
@@ -61,7 +62,7 @@ def minimum_bytes(value, locations, weights, backward: bool) -> int:
     read = value.numel() * value.element_size() + locations.numel() * 4 + weights.numel() * 4
     if not backward:
         return read + out
-    return 2 * read + 2 * out  # reads + grad_output; writes the three gradients (same sizes as the inputs)
+    return 2 * read + out  # reads the inputs and grad_output; writes the three gradients (the inputs' sizes)
 
 
 def main():
@@ -70,6 +71,8 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/msda.py needs a CUDA GPU")
+    if msda_cuda._kernel() is None:  # ms_deform_attn would time the reference twice
+        sys.exit(f"bench/msda.py: the kernel did not build ({msda_cuda._build_error})")
     peak = peak_bandwidth()
     S = sum(h * w for h, w in LEVELS)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {peak / 1e12:.2f} TB/s")
@@ -87,8 +90,8 @@ def main():
                         with torch.no_grad():
                             fn(value, ss, lsi, loc, w)
 
-                    def forward_backward():
-                        fn(value, ss, lsi, loc, w).backward(grad)
+                    def forward_backward():  # autograd.grad: no accumulation into .grad timed along
+                        torch.autograd.grad(fn(value, ss, lsi, loc, w), (value, loc, w), grad)
                     results[impl] = (cuda_time(forward, args.iters), cuda_time(forward_backward, args.iters))
                 for impl, (fwd, both) in results.items():
                     case = f"{name} B={B} {str(dtype)[6:]}"
