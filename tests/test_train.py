@@ -128,11 +128,8 @@ def test_a_new_run_never_overwrites_an_earlier_one(shapes, tmp_path):
     assert read_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 0
 
 
-def test_a_training_step_reads_back_from_the_device_only_twice(monkeypatch):
-    """On a GPU every read of a tensor's value by the host (item, tolist, bool, float, cpu, numpy) waits
-    for all queued work. A training step does it twice: the matching's costs, in one transfer for every
-    decoder layer and the proposals, and the loss check after the backward. Counted here on the CPU,
-    where the same calls are made, by their caller; the second step reuses the level layout."""
+def tiny_training_step():
+    """(train_step's arguments) for a small DINO on two images, one of them padded."""
     from conftest import tiny_dino
     from config import make_config
     from losses import Criterion
@@ -147,7 +144,34 @@ def test_a_training_step_reads_back_from_the_device_only_twice(monkeypatch):
     mask[1, :, 80:] = True
     targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4]])},
                {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
-    train.train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)  # makes the level layout
+    return model, criterion, optimizer, scaler, images, mask, targets, cfg
+
+
+def test_a_training_step_makes_no_float64_tensor():
+    """float64 is slow on GPUs; the matching's costs travel in float32 and scipy widens them on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Float64Ops(TorchDispatchMode):
+        found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in torch.utils._pytree.tree_leaves(out)):
+                self.found.append(func.overloadpacket.__name__)
+            return out
+    step = tiny_training_step()
+    with Float64Ops() as mode:
+        train.train_step(*step)
+    assert mode.found == []
+
+
+def test_a_training_step_reads_back_from_the_device_only_twice(monkeypatch):
+    """On a GPU every read of a tensor's value by the host (item, tolist, bool, float, cpu, numpy) waits
+    for all queued work. A training step does it twice: the matching's costs, in one transfer for every
+    decoder layer and the proposals, and the loss check after the backward. Counted here on the CPU,
+    where the same calls are made, by their caller; the second step reuses the level layout."""
+    step = tiny_training_step()
+    train.train_step(*step)  # makes the level layout
 
     reads = []
 
@@ -165,7 +189,7 @@ def test_a_training_step_reads_back_from_the_device_only_twice(monkeypatch):
         return read
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, spy(name))
-    train.train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)
+    train.train_step(*step)
     monkeypatch.undo()
     assert sorted(reads) == [("matcher.py", "hungarian_match_sets", "cpu"),
                              ("matcher.py", "hungarian_match_sets", "numpy"),  # of the host copy
