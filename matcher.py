@@ -51,7 +51,7 @@ def hungarian_match_sets(predictions: list[tuple[Tensor, Tensor]], targets: list
     """
     costs = [matching_cost(l, b, t["labels"], t["boxes"], cost_class, cost_bbox, cost_giou, alpha, gamma)
              for logits, boxes in predictions for l, b, t in zip(logits, boxes, targets)]
-    flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()  # float32; scipy works in float64 from here
+    flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()  # as computed (float32); scipy widens it
     if not np.isfinite(flat).all():
         raise FloatingPointError("matching cost is not finite: the model's predictions hold NaN or inf")
     ends = np.cumsum([c.numel() for c in costs])
