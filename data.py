@@ -14,7 +14,6 @@ to the image and empty ones dropped. Images without annotations are kept.
 import contextlib
 import io
 import json
-import math
 import random
 from pathlib import Path
 
@@ -180,36 +179,6 @@ def collate(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor, list[dict
         padded[b, :, :image.shape[1], :image.shape[2]] = image
         mask[b, :image.shape[1], :image.shape[2]] = False
     return padded, mask, list(targets)
-
-
-class OrientationBatches:
-    """Training batches whose images share an orientation as they come out of augmentation (landscape,
-    or portrait), so a batch pads only to its own images' shape: a landscape and a portrait image of the
-    1.5x recipe together pad to 2000x2000, 1.67x the pixels of either and most of them padding.
-    `samples` yields single (image, target) pairs in order (a DataLoader with batch_size=None); images
-    wait in one bucket per orientation until B of a kind are there, as detectron2's
-    AspectRatioGroupedDataset does. The epoch's last few (at most B - 1 of each kind) are batched
-    together whatever their orientation, so there are exactly ceil(images / B) batches, the same in
-    every process of a distributed run. Differs from official DINO, which batches images in sampler
-    order whatever their shapes."""
-
-    def __init__(self, samples, batch_size: int):
-        self.samples, self.batch_size = samples, batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.samples) / self.batch_size)
-
-    def __iter__(self):
-        buckets = ([], [])  # landscape (W >= H), portrait
-        for image, target in self.samples:
-            bucket = buckets[int(image.shape[-2] > image.shape[-1])]
-            bucket.append((image, target))
-            if len(bucket) == self.batch_size:
-                yield collate(bucket)
-                bucket.clear()
-        rest = buckets[0] + buckets[1]
-        for start in range(0, len(rest), self.batch_size):
-            yield collate(rest[start:start + self.batch_size])
 
 
 # --- a generated dataset ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backbone import build_backbone, load_swin_checkpoint
 from config import Config, make_config
-from data import CocoDetection, OrientationBatches, coco_paths, collate, make_shapes_dataset, make_transforms
+from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
 from eval import amp_autocast, amp_dtype, evaluate, format_metrics, save_pictures
 from losses import Criterion
 from model import DINO, build_dino, load_checkpoint, read_checkpoint
@@ -313,12 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
             sampler = torch.utils.data.SequentialSampler(dataset)
         # validation draws its worker seeds from its own generator: evaluating never shifts the training's random stream
         generator = None if train else torch.Generator().manual_seed(cfg.seed)
-        common = dict(sampler=sampler, num_workers=cfg.num_workers, generator=generator)
-        if train and cfg.batch_size > 1:  # batches of one orientation, padded no larger than needed; the padding
-            # copy is made in this process, so pinning the single images would buy nothing
-            return OrientationBatches(torch.utils.data.DataLoader(dataset, batch_size=None, **common), cfg.batch_size)
-        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
-                                           pin_memory=device.type == "cuda", **common)
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
+                                           num_workers=cfg.num_workers, collate_fn=collate, generator=generator,
+                                           pin_memory=device.type == "cuda")
 
     log(f"DINO-4scale {cfg.backbone}, {cfg.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} "
         f"parameters; {len(train_set)} training / {len(val_set)} validation images; {world} process(es) on {device}")

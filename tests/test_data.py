@@ -183,20 +183,3 @@ def test_generated_dataset_is_deterministic(tmp_path):
     dataset = CocoDetection(a / "train2017", a / "annotations/instances_train2017.json", make_transforms(True, 0.25))
     image, target = dataset[0]
     assert image.shape[0] == 3 and len(target["labels"]) >= 1
-
-
-def test_training_batches_group_images_by_orientation():
-    """Landscape with landscape, portrait with portrait; every image once; the leftovers batched last."""
-    from data import OrientationBatches
-    shapes = [(40, 60), (60, 40), (50, 70), (30, 30), (70, 50), (45, 90), (90, 45)]  # (H, W): 4 landscape, 3 portrait
-    samples = [(torch.full((3, h, w), float(i)), {"image_id": i}) for i, (h, w) in enumerate(shapes)]
-    batches = list(OrientationBatches(samples, 2))
-    assert len(batches) == len(OrientationBatches(samples, 2)) == 4
-    seen = []
-    for images, mask, targets in batches[:-1]:  # the full batches: one orientation each
-        sizes = [shapes[t["image_id"]] for t in targets]
-        assert len({h > w for h, w in sizes}) == 1
-        assert images.shape[-2:] == (max(h for h, _ in sizes), max(w for _, w in sizes))
-        seen += [t["image_id"] for t in targets]
-    seen += [t["image_id"] for t in batches[-1][2]]
-    assert sorted(seen) == list(range(len(shapes)))
