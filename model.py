@@ -28,6 +28,7 @@ from backbone import build_backbone, run_layer
 from config import Config, make_config
 from deformable_attn import MSDeformAttn
 from denoising import DNQueries, build_cdn_queries
+from msda_cuda import level_start_index_of
 
 NUM_LEVELS = 4  # DINO-4scale: strides 8, 16, 32 from the backbone plus a stride-64 map
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -88,7 +89,7 @@ def level_layout(shapes: tuple[tuple[int, int], ...], device: torch.device) -> t
     ms_deform_attn's check of them (a read back to the host) waits for the GPU again."""
     with torch.inference_mode(False):  # usable by autograd even if first made under inference mode
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long).to(device)
-        return spatial_shapes, torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+        return spatial_shapes, level_start_index_of(spatial_shapes)
 
 
 def encoder_reference_points(spatial_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import msda_cuda  # noqa: E402
-from msda_cuda import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
+from msda_cuda import level_start_index_of, ms_deform_attn, ms_deform_attn_reference  # noqa: E402
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 M, D, P = 8, 32, 4
@@ -48,7 +48,7 @@ def peak_bandwidth() -> float:
 
 def inputs(B: int, Q: int, dtype: torch.dtype):
     spatial_shapes = torch.tensor(LEVELS, dtype=torch.long, device="cuda")
-    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+    level_start_index = level_start_index_of(spatial_shapes)
     S, L = int(spatial_shapes.prod(1).sum()), len(LEVELS)
     value = torch.randn(B, S, M, D, device="cuda", dtype=dtype, requires_grad=True)
     locations = torch.rand(B, Q, M, L, P, 2, device="cuda", requires_grad=True)  # float32, as the model gives them

@@ -17,12 +17,18 @@ from torch.autograd.function import once_differentiable
 
 from .reference import ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "build_extension"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "level_start_index_of", "build_extension"]
 
 _SOURCE = Path(__file__).with_name("ms_deform_attn.cu")
 _extension = None
 _build_error: str | None = None
 _checked_metadata: dict[int, tuple] = {}  # id(spatial_shapes) -> (weak reference to it, what was checked)
+
+
+def level_start_index_of(spatial_shapes: Tensor) -> Tensor:
+    """spatial_shapes (L, 2) long, (H_l, W_l) -> level_start_index (L,): the first token of each level
+    in value's S = sum_l H_l * W_l tokens, levels one after another."""
+    return torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
 
 
 def build_extension(verbose: bool = False):

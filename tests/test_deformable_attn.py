@@ -3,6 +3,7 @@ import torch
 
 from deformable_attn import MSDeformAttn
 from msda_cuda import ms_deform_attn, ms_deform_attn_reference
+from test_msda_cuda import random_inputs
 
 
 def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
@@ -29,20 +30,6 @@ def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_we
                         out[b, q, m] += attention_weights[b, q, m, lvl, p] * sample
         start += H * W
     return out.view(B, Q, M * D)
-
-
-def random_inputs(shapes, B=2, Q=5, M=2, D=3, P=3, dtype=torch.float64, requires_grad=False):
-    spatial_shapes = torch.tensor(shapes, dtype=torch.long)
-    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-    S, L = int(spatial_shapes.prod(1).sum()), len(shapes)
-    value = torch.randn(B, S, M, D, dtype=dtype)
-    # locations reach beyond [0, 1] so that the zero padding outside the map is exercised
-    locations = torch.rand(B, Q, M, L, P, 2, dtype=dtype) * 1.4 - 0.2
-    weights = torch.rand(B, Q, M, L, P, dtype=dtype)
-    weights = weights / weights.sum((-1, -2), keepdim=True)
-    for t in (value, locations, weights):
-        t.requires_grad_(requires_grad)
-    return value, spatial_shapes, level_start_index, locations, weights
 
 
 @pytest.mark.parametrize("shapes", [[(6, 4), (3, 2)], [(5, 7)], [(1, 1), (4, 3), (2, 5)]])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import msda_cuda
-from msda_cuda import ms_deform_attn, ms_deform_attn_reference
+from msda_cuda import level_start_index_of, ms_deform_attn, ms_deform_attn_reference
 from msda_emulation import ROOT, asan_environment, build_emulated_extension
 
 cuda = pytest.mark.cuda
@@ -66,18 +66,17 @@ def test_kernel_builds(monkeypatch):
     assert callable(extension.forward) and callable(extension.backward)
 
 
-def shapes_and_index(shapes, device):
+def random_inputs(shapes, B=2, Q=5, M=2, D=3, P=3, dtype=torch.float64, device="cpu", requires_grad=False):
+    """ms_deform_attn's five arguments for levels `shapes` [(H_l, W_l)]; locations and weights in float32
+    for lower-precision values, as the model gives them. (Also used by test_deformable_attn.py, and by
+    the AddressSanitizer child process, which must not import torchvision.)"""
     spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=device)
-    return spatial_shapes, torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-
-
-def random_inputs(shapes, B, Q, M, D, P, dtype, device, requires_grad=False):
-    spatial_shapes, level_start_index = shapes_and_index(shapes, device)
+    level_start_index = level_start_index_of(spatial_shapes)
     S, L = int(spatial_shapes.prod(1).sum()), len(shapes)
     coord = torch.float64 if dtype == torch.float64 else torch.float32
     value = torch.randn(B, S, M, D, dtype=dtype, device=device)
     # beyond [0, 1] as well: zero padding outside every level
-    locations = torch.rand(B, Q, M, L, P, 2, dtype=coord, device=device) * 1.3 - 0.15
+    locations = torch.rand(B, Q, M, L, P, 2, dtype=coord, device=device) * 1.4 - 0.2
     weights = torch.rand(B, Q, M, L, P, dtype=coord, device=device)
     weights = weights / weights.sum((-1, -2), keepdim=True)
     for t in (value, locations, weights):
