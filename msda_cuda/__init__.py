@@ -31,12 +31,18 @@ def level_start_index_of(spatial_shapes: Tensor) -> Tensor:
     return torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
 
 
+def _ninja_on_path() -> None:
+    """torch's extension builds run `ninja`: the pip package's binary, when the virtual environment that
+    holds it is not activated, is not on PATH."""
+    if shutil.which("ninja") is None:
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def build_extension(verbose: bool = False):
     """Compile (or load the cached build of) the CUDA kernel. Raises if the build fails."""
     from torch.utils import cpp_extension
-    if shutil.which("ninja") is None:  # the pip package's binary, when the virtual environment is not activated
-        import ninja
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    _ninja_on_path()
     # torch guesses CUDA_HOME from where `nvcc` is; when that is a wrapper script (e.g. /usr/local/bin/nvcc)
     # the guess holds no headers or libcudart: take the standard install location instead
     if cpp_extension.CUDA_HOME is None or not Path(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h").exists():

@@ -11,6 +11,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from msda_cuda import _ninja_on_path
+
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = ROOT / "msda_cuda" / "ms_deform_attn.cu"
 EMULATOR = ROOT / "tests" / "cuda_emulation.h"
@@ -19,9 +21,7 @@ ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 
 def build_emulated_extension(sanitize: bool = False):
     from torch.utils import cpp_extension
-    if shutil.which("ninja") is None:
-        import ninja
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    _ninja_on_path()
     cflags = ["-O1", "-g", "-Wno-unknown-pragmas"] + (ASAN_FLAGS if sanitize else [])
     # the sources come in through #include, which torch does not hash: name the build after their contents
     digest = hashlib.sha256(KERNEL.read_bytes() + EMULATOR.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]

@@ -130,12 +130,11 @@ def test_a_new_run_never_overwrites_an_earlier_one(shapes, tmp_path):
 
 def tiny_training_step():
     """(train_step's arguments) for a small DINO on two images, one of them padded."""
-    from conftest import tiny_dino
+    from conftest import TINY, tiny_dino
     from config import make_config
     from losses import Criterion
 
-    cfg = make_config(**{"hidden_dim": 64, "nheads": 4, "enc_layers": 2, "dec_layers": 3, "dim_feedforward": 128,
-                         "num_queries": 30, "dn_number": 10, "backbone": "r18", "num_classes": 5})
+    cfg = make_config(**{**TINY, "dec_layers": 3, "backbone": "r18", "num_classes": 5})
     model = tiny_dino(dec_layers=3).train()
     criterion, optimizer = Criterion(cfg), train.build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
