@@ -41,6 +41,7 @@ import deformable_attn  # noqa: E402
 import losses  # noqa: E402
 import model as model_module  # noqa: E402
 from config import make_config  # noqa: E402
+from eval import amp_autocast  # noqa: E402
 from model import build_dino  # noqa: E402
 from train import build_optimizer  # noqa: E402
 
@@ -190,7 +191,7 @@ def estimate(overrides: dict, size: tuple[int, int], batch_size: int) -> tuple[f
                 tracker.add(t, "parameters and buffers")
             with tracker:
                 for _ in range(2):  # the second step holds the optimizer's state from the start, as in training
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp):
+                    with amp_autocast(torch.device("cpu"), cfg.amp):  # bf16, as on a GPU that has it
                         outputs = model(images, mask, targets)
                     loss = criterion(outputs, targets)["loss"]
                     optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ boxes each, after 2 warm-up steps, for each configuration: plain float32, then b
 adding activation checkpointing of the backbone, the encoder and the decoder one at a time. It prints
 iterations/s, images/s and peak memory (torch.cuda.max_memory_allocated). --inference times the
 whole detector, image tensor on the GPU to post-processed boxes on the host, batch 1, in float32 and
-in bf16.
+under eval.py's --amp autocast (bf16; fp16 on GPUs without bf16).
 """
 import argparse
 import dataclasses
@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import make_config  # noqa: E402
+from eval import amp_autocast, amp_dtype  # noqa: E402
 from losses import Criterion  # noqa: E402
 from model import build_dino, postprocess  # noqa: E402
 from train import build_optimizer, train_step  # noqa: E402
@@ -85,7 +86,7 @@ def time_inference(backbone: str, size, iters: int, device: torch.device, amp: b
         if i == 3:
             synchronize(device)
             start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with amp_autocast(device, amp):  # as eval.py runs it
             out = model(images, mask)
         detections = postprocess({k: out[k].float() for k in ("pred_logits", "pred_boxes")}, [size])
         [{k: v.cpu() for k, v in d.items()} for d in detections]  # on the host, where a user reads them
@@ -113,7 +114,8 @@ def main():
     if args.inference:
         for amp in (False, True):
             fps = time_inference(args.backbone, size, args.iters, device, amp, **extra)
-            print(f"inference batch 1, {'bf16' if amp else 'fp32'}: {fps:.1f} images/s")
+            label = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device, amp)]
+            print(f"inference batch 1, {label}: {fps:.1f} images/s")
         return
     print(f"training, batch {args.batch_size} per step, {args.iters} steps")
     print(f"{'configuration':32s} {'it/s':>7s} {'images/s':>9s} {'peak GiB':>9s}")
