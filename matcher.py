@@ -46,7 +46,8 @@ def hungarian_match_sets(predictions: list[tuple[Tensor, Tensor]], targets: list
                          cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
                          alpha: float = 0.25, gamma: float = 2.0) -> list[list[tuple[Tensor, Tensor]]]:
     """hungarian_match for several sets of predictions of the same images (every decoder layer's, the
-    encoder's proposals): one result per set. The costs go to the CPU in one transfer and the
+    encoder's proposals): predictions[s] = (logits (B, Q_s, K), boxes_cxcywh (B, Q_s, 4)); returns
+    hungarian_match's result for each set. The costs go to the CPU in one transfer and the
     assignments come back in one, two waits for the GPU per training step instead of two per set and image.
     """
     costs = [matching_cost(l, b, t["labels"], t["boxes"], cost_class, cost_bbox, cost_giou, alpha, gamma)
