@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
-from pycocotools.coco import COCO
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
@@ -31,8 +30,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # --- reading --------------------------------------------------------------------------------------
 
-def load_coco(ann_file: str | Path) -> COCO:
+def load_coco(ann_file: str | Path):
     """pycocotools' COCO index of `ann_file`, after checking what would otherwise fail late or silently."""
+    # imported here, as in eval.coco_metrics: the model, the training step and the benchmarks import this
+    # module but need no annotation files (GPU machines without pycocotools run them)
+    from pycocotools.coco import COCO
     ann_file = Path(ann_file)
     try:
         data = json.loads(ann_file.read_text())

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from PIL import Image
-from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
@@ -45,8 +44,16 @@ def amp_autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def compile_model(model: torch.nn.Module, mode: str | None = None):
+    """The model under torch.compile, for inference at fixed image sizes: one graph per input shape, with
+    no graph breaks and no reads back to the host inside (the deformable attention is one opaque operator,
+    msda_cuda). mode "reduce-overhead" adds CUDA graphs (GPUs)."""
+    return torch.compile(model, dynamic=False, mode=mode)
+
+
 def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict:
     """COCO box metrics of `detections` (COCO result dicts) on `image_ids`, with AP per category."""
+    from pycocotools.cocoeval import COCOeval  # here, not at the top: see data.load_coco
     metrics = {name: 0.0 for name in METRIC_NAMES}
     metrics["per_class_AP"] = {coco_gt.cats[c]["name"]: 0.0 for c in sorted(coco_gt.cats)}
     if not detections:
