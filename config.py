@@ -66,3 +66,25 @@ def make_config(**overrides) -> Config:
     if unknown:
         raise TypeError(f"unknown hyperparameter(s) {unknown}; valid names: {sorted(names)}")
     return Config(**overrides)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["hidden_dim=64", "amp=false"] -> {"hidden_dim": 64, "amp": False}, each value of its field's type
+    (booleans: true/false, yes/no, 1/0). For the benchmarks' --set; train.py has a flag per field."""
+    types = {f.name: type(f.default) for f in fields(Config)}
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in types:
+            raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of {sorted(types)}")
+        if types[name] is bool:
+            words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+            if text.lower() not in words:
+                raise ValueError(f"{item!r}: {name} takes true or false")
+            overrides[name] = words[text.lower()]
+        else:
+            try:
+                overrides[name] = types[name](text)
+            except ValueError:
+                raise ValueError(f"{item!r}: {name} takes a {types[name].__name__}") from None
+    return overrides

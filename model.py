@@ -82,14 +82,17 @@ def valid_ratios(mask: Tensor) -> Tensor:
     return torch.stack([valid_w.float() / W, valid_h.float() / H], -1)
 
 
-@functools.lru_cache(maxsize=256)
 def level_layout(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """spatial_shapes (L, 2) and level_start_index (L,) for the (H_l, W_l) in `shapes`, on `device`.
-    Made once per layout: the same two tensors every forward, so neither copying them to the GPU nor
-    ms_deform_attn's check of them (a read back to the host) waits for the GPU again."""
+    """spatial_shapes (L, 2) and level_start_index (L,) for the (H_l, W_l) in `shapes`, on `device`."""
     with torch.inference_mode(False):  # usable by autograd even if first made under inference mode
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long).to(device)
         return spatial_shapes, level_start_index_of(spatial_shapes)
+
+
+# Eager forwards make each layout once: the same two tensors every forward, so neither copying them to the
+# GPU nor ms_deform_attn's check of them (a read back to the host) waits for the GPU again. (A compiled
+# forward makes them inside its graph, where they are constants.)
+cached_level_layout = functools.lru_cache(maxsize=256)(level_layout)
 
 
 def encoder_reference_points(spatial_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
@@ -356,7 +359,8 @@ class DINO(nn.Module):
         """The transformer and the heads on L feature maps srcs[l] (B, C, H_l, W_l), masks[l] (B, H_l, W_l)."""
         C = self.cfg.hidden_dim
         shapes = [tuple(s.shape[-2:]) for s in srcs]
-        spatial_shapes, level_start_index = level_layout(tuple(shapes), srcs[0].device)  # (L, 2), (L,)
+        layout = level_layout if torch.compiler.is_compiling() else cached_level_layout
+        spatial_shapes, level_start_index = layout(tuple(shapes), srcs[0].device)  # (L, 2), (L,)
         pos = [sine_position_embedding(m, C // 2, self.cfg.pe_temperature).to(s.dtype) for m, s in zip(masks, srcs)]
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl] for lvl, p in enumerate(pos)], 1)

@@ -113,6 +113,11 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
     return terms
 
 
+def make_grad_scaler(device: torch.device, cfg: Config) -> torch.amp.GradScaler:
+    """Loss scaling, on only where --amp runs in fp16 (GPUs without bf16): bf16 needs none."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16)
+
+
 def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int, device, ema: EMA | None,
                     scaler: torch.amp.GradScaler, is_main: bool) -> dict:
     """One pass over the data with train_step. Returns the epoch's mean of every (unweighted) loss term."""
@@ -287,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     criterion = Criterion(cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_at_epoch(cfg, epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16)
+    scaler = make_grad_scaler(device, cfg)
     start_epoch, best_ap = 0, -1.0
     if resumed is not None:
         model.load_state_dict(resumed["model"])

@@ -4,13 +4,14 @@
     python bench/train_step.py --backbone r50 --batch-size 2                 # R50-4scale at 800x1333
     python bench/train_step.py --inference                                   # R50-4scale FPS at 800x1333
 
-Training runs --iters steps of train.train_step (forward, loss, backward, clip, AdamW step, exactly as
-train.py) on generated images of the recipe's largest size (800x1333 times --scale) with 20 random
-boxes each, after 2 warm-up steps, for each configuration: plain float32, then bf16 autocast, then
-adding activation checkpointing of the backbone, the encoder and the decoder one at a time. It prints
-iterations/s, images/s and peak memory (torch.cuda.max_memory_allocated). --inference times the
-whole detector, image tensor on the GPU to post-processed boxes on the host, batch 1, in float32 and
-under eval.py's --amp autocast (bf16; fp16 on GPUs without bf16).
+Training runs --iters steps of train.train_step (forward, loss, backward, clip, AdamW step, with
+train.py's optimiser and loss scaling) on generated images of the recipe's largest size (800x1333
+times --scale) with 20 random boxes each, after 2 warm-up steps, for each configuration: plain
+float32, then bf16 autocast, then adding activation checkpointing of the backbone, the encoder and
+the decoder one at a time. It prints iterations/s, images/s and peak memory
+(torch.cuda.max_memory_allocated). --inference times the whole detector, image tensor on the device
+to post-processed boxes on the host, batch 1, in float32 and under eval.py's --amp autocast (bf16;
+fp16 on GPUs without bf16), eager and, with --compile, through eval.compile_model.
 """
 import argparse
 import dataclasses
@@ -21,11 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from config import make_config  # noqa: E402
-from eval import amp_autocast, amp_dtype  # noqa: E402
+from config import make_config, parse_overrides  # noqa: E402
+from eval import amp_autocast, amp_dtype, compile_model  # noqa: E402
 from losses import Criterion  # noqa: E402
 from model import build_dino, postprocess  # noqa: E402
-from train import build_optimizer, train_step  # noqa: E402
+from train import build_optimizer, make_grad_scaler, train_step  # noqa: E402
 
 CONFIGS = [
     ("fp32", dict()),
@@ -53,14 +54,20 @@ def batch(size: tuple[int, int], batch_size: int, device: torch.device, num_clas
     return images, mask, targets
 
 
+def build_on(device: torch.device, **overrides):
+    """build_dino with its parameters made on `device` directly (a Swin-L takes seconds to initialise on
+    the host)."""
+    torch.manual_seed(0)
+    with device:
+        return build_dino(**overrides)
+
+
 def time_training(overrides: dict, size, batch_size: int, iters: int, device: torch.device) -> tuple[float, float | None]:
     """(seconds per iteration, peak GiB or None off CUDA) for one configuration."""
     cfg = make_config(**overrides)
-    torch.manual_seed(0)
-    model = build_dino(**dataclasses.asdict(cfg)).to(device).train()
-    criterion, optimizer = Criterion(cfg), build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
-    images, mask, targets = batch(size, batch_size, device)
+    model = build_on(device, **dataclasses.asdict(cfg)).train()
+    criterion, optimizer, scaler = Criterion(cfg), build_optimizer(model, cfg), make_grad_scaler(device, cfg)
+    images, mask, targets = batch(size, batch_size, device, cfg.num_classes)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -76,22 +83,31 @@ def time_training(overrides: dict, size, batch_size: int, iters: int, device: to
     return seconds, peak
 
 
-@torch.no_grad()
-def time_inference(backbone: str, size, iters: int, device: torch.device, amp: bool, **overrides) -> float:
-    """Images per second, batch 1, end to end."""
-    torch.manual_seed(0)
-    model = build_dino(backbone, **overrides).to(device).eval()
+def time_inference(backbone: str, size, iters: int, device: torch.device, amp: bool, compile_mode: str | None = None,
+                   compiled: bool = False, **overrides) -> tuple[float, float, dict]:
+    """(images per second, seconds of the first call: compilation when `compiled`, the last call's
+    pred_logits and pred_boxes in float32 on the host), batch 1, end to end."""
+    model = build_on(device, backbone=backbone, **overrides).eval()
+    run = compile_model(model, compile_mode) if compiled else model
     images, mask, _ = batch(size, 1, device)
-    for i in range(iters + 3):
-        if i == 3:
-            synchronize(device)
-            start = time.perf_counter()
-        with amp_autocast(device, amp):  # as eval.py runs it
-            out = model(images, mask)
-        detections = postprocess({k: out[k].float() for k in ("pred_logits", "pred_boxes")}, [size])
-        [{k: v.cpu() for k, v in d.items()} for d in detections]  # on the host, where a user reads them
+    with torch.inference_mode():
+        for i in range(iters + 3):
+            if i in (0, 3):
+                synchronize(device)
+                start = time.perf_counter()
+            with amp_autocast(device, amp):  # as eval.py runs it
+                out = run(images, mask)
+            out = {k: out[k].float() for k in ("pred_logits", "pred_boxes")}
+            detections = postprocess(out, [size])
+            [{k: v.cpu() for k, v in d.items()} for d in detections]  # on the host, where a user reads them
+            if i == 0:
+                first = time.perf_counter() - start
     synchronize(device)
-    return iters / (time.perf_counter() - start)
+    return iters / (time.perf_counter() - start), first, {k: v.cpu() for k, v in out.items()}
+
+
+def precision_name(device: torch.device, amp: bool) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device, amp)]
 
 
 def main():
@@ -101,21 +117,26 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--inference", action="store_true", help="time inference instead (fp32 and bf16)")
+    parser.add_argument("--compile", action="store_true", help="with --inference: also through eval.compile_model")
     parser.add_argument("--only", help="run only the configuration with this name (e.g. 'bf16 + all ckpt')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="model overrides for a quick run, e.g. hidden_dim=64 num_queries=100")
     args = parser.parse_args()
+    try:
+        extra = parse_overrides(args.set)
+    except ValueError as e:
+        parser.error(f"--set {e}")
     device = torch.device(args.device)
     size = (round(800 * args.scale), round(1333 * args.scale))
-    extra = {k: type(getattr(make_config(), k))(v) for k, v in (item.split("=") for item in args.set)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, DINO-4scale {args.backbone}, images {size[0]}x{size[1]}")
     if args.inference:
-        for amp in (False, True):
-            fps = time_inference(args.backbone, size, args.iters, device, amp, **extra)
-            label = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device, amp)]
-            print(f"inference batch 1, {label}: {fps:.1f} images/s")
+        for compiled in (False, True) if args.compile else (False,):
+            for amp in (False, True):
+                fps, first, _ = time_inference(args.backbone, size, args.iters, device, amp, compiled=compiled, **extra)
+                how = f"compiled (first call {first:.0f} s)" if compiled else "eager"
+                print(f"inference batch 1, {precision_name(device, amp)}, {how}: {fps:.1f} images/s", flush=True)
         return
     print(f"training, batch {args.batch_size} per step, {args.iters} steps")
     print(f"{'configuration':32s} {'it/s':>7s} {'images/s':>9s} {'peak GiB':>9s}")
