@@ -4,6 +4,15 @@ CUDA tensors go through the kernel in ms_deform_attn.cu, compiled just in time o
 minute; cached by torch in ~/.cache/torch_extensions afterwards); everything else, and every case
 the kernel does not cover, goes through the pure-PyTorch reference in reference.py. If the build
 fails, a warning says why and the reference is used. DINO_MSDA=reference forces the reference.
+
+The kernel checks itself: the first time it meets a dtype and head size in a process, it runs a small
+random problem (an odd batch, every level, points beyond the borders) through itself and through the
+reference, forward and all three gradients; if they disagree beyond the dtype's tolerance, one warning
+gives the error and the reference takes over for that case. It costs a few milliseconds once;
+DINO_MSDA_SELF_CHECK=0 turns it off.
+
+Under torch.compile the attention is one opaque operator, `torch.ops.dino.ms_deform_attn`, so the
+compiler neither traces the kernel nor the host reads of the level layout.
 """
 import os
 import shutil
@@ -80,6 +89,7 @@ def _kernel_covers(value: Tensor) -> bool:
 
 def _check(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
            attention_weights: Tensor) -> None:
+    """The arguments' shapes and devices (no data is read: this runs under torch.compile too)."""
     if value.dim() != 4:
         raise ValueError(f"value must be (B, S, M, D), got {tuple(value.shape)}")
     B, S, M, D = value.shape
@@ -98,12 +108,18 @@ def _check(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sam
     devices = {t.device for t in (value, sampling_locations, attention_weights)}
     if len(devices) > 1:
         raise ValueError(f"value, sampling_locations and attention_weights must be on one device, got {devices}")
-    # the level layout is read (a device-to-host copy) once per tensor: a model passes the same two
-    # tensors to all its layers
-    checked = (spatial_shapes._version, id(level_start_index), level_start_index._version, S)
-    seen = _checked_metadata.get(id(spatial_shapes))
-    if seen is not None and seen[0]() is spatial_shapes and seen[1] == checked:
-        return
+
+
+def _check_layout(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> None:
+    """level_start_index and the token count agree with spatial_shapes. That reads them (a device-to-host
+    copy), once per tensor: a model passes the same two tensors to all its layers."""
+    S = value.shape[1]
+    cacheable = not (spatial_shapes.is_inference() or level_start_index.is_inference())  # no version counter
+    if cacheable:
+        checked = (spatial_shapes._version, id(level_start_index), level_start_index._version, S)
+        seen = _checked_metadata.get(id(spatial_shapes))
+        if seen is not None and seen[0]() is spatial_shapes and seen[1] == checked:
+            return
     shapes = spatial_shapes.tolist()
     starts = [0] + list(torch.tensor([h * w for h, w in shapes]).cumsum(0).tolist())
     if level_start_index.tolist() != starts[:-1]:
@@ -111,6 +127,8 @@ def _check(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sam
                          f"{shapes} (expected {starts[:-1]})")
     if starts[-1] != S:
         raise ValueError(f"spatial_shapes {shapes} hold {starts[-1]} tokens but value has S = {S}")
+    if not cacheable:
+        return
     if len(_checked_metadata) > 256:  # entries of freed tensors
         _checked_metadata.clear()
     _checked_metadata[id(spatial_shapes)] = (weakref.ref(spatial_shapes), checked)
@@ -144,14 +162,128 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         return grad_value, None, None, grad_locations.to(ctx.dtypes[0]), grad_weights.to(ctx.dtypes[1])
 
 
+# --- the self-check ---------------------------------------------------------------------------------------
+
+# largest error allowed, relative to the largest reference value, of the forward and of each gradient:
+# about 20x what a correct kernel shows (fp32 8.6e-7, fp16 4.2e-4, bf16 3.6e-3 in tests/test_msda_cuda.py)
+SELF_CHECK_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+SELF_CHECK_LEVELS = [(7, 9), (4, 5), (2, 3), (1, 1)]  # odd sizes and a 1x1 level
+_verdicts: dict[tuple, bool] = {}  # (device, dtype, M, D) -> the kernel agreed with the reference
+
+
+def self_check_error(device: torch.device, dtype: torch.dtype, heads: int, channels: int) -> float:
+    """Largest relative error of the kernel (the extension in `_extension`) against the float64
+    reference, over the forward and the gradients of value, locations and weights, on a small random
+    problem: batch 3, every level of SELF_CHECK_LEVELS, locations 20% beyond each border. Draws from a
+    generator of its own: the caller's random stream is untouched."""
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor(SELF_CHECK_LEVELS)
+    S, L, B, Q, P = int(shapes.prod(1).sum()), len(SELF_CHECK_LEVELS), 3, 5, 2
+    coord = torch.float64 if dtype == torch.float64 else torch.float32
+    value = torch.randn(B, S, heads, channels, generator=g)
+    locations = torch.rand(B, Q, heads, L, P, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
+    weights = torch.rand(B, Q, heads, L, P, generator=g, dtype=torch.float64)
+    grad = torch.randn(B, Q, heads * channels, generator=g, dtype=torch.float64)
+    spatial_shapes = shapes.to(device)
+    level_start_index = level_start_index_of(spatial_shapes)
+    with torch.inference_mode(False), torch.enable_grad():
+        results = []
+        for run, values, coords in ((_MSDeformAttnFunction.apply, dtype, coord),
+                                    (ms_deform_attn_reference, torch.float64, torch.float64)):
+            inputs = [t.to(device, d).requires_grad_() for t, d in ((value, values), (locations, coords),
+                                                                   (weights, coords))]
+            out = run(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
+            grads = torch.autograd.grad(out, inputs, grad.to(device, out.dtype))
+            results.append([t.detach().double() for t in (out, *grads)])
+    errors = [((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
+              for got, want in zip(*results)]
+    return max(errors) if all(e == e for e in errors) else float("nan")
+
+
+def _kernel_trusted(value: Tensor) -> bool:
+    """Whether the kernel passed its self-check for value's device, dtype and head shape (run on the first
+    call). A kernel that fails it warns once and is not used for that case again in this process."""
+    if os.environ.get("DINO_MSDA_SELF_CHECK") == "0":
+        return True
+    M, D = value.shape[2:]
+    key = (value.device, value.dtype, M, D)
+    if key not in _verdicts:
+        error = self_check_error(value.device, value.dtype, M, D)
+        _verdicts[key] = error <= SELF_CHECK_TOLERANCE[value.dtype]  # NaN: False
+        if not _verdicts[key]:
+            warnings.warn(f"msda_cuda: the kernel disagrees with the reference on {value.device} for "
+                          f"{str(value.dtype).removeprefix('torch.')} values with {M} heads of {D} channels "
+                          f"(relative error {error:.2e}, tolerance {SELF_CHECK_TOLERANCE[value.dtype]:.0e}); "
+                          f"using the PyTorch reference instead. Please report this with your GPU and "
+                          f"torch version.", stacklevel=5)
+    return _verdicts[key]
+
+
+# --- dispatch -------------------------------------------------------------------------------------------------
+
+KERNEL_DEVICE_TYPES = ("cuda",)
+
+
+def _use_kernel(value: Tensor) -> bool:
+    return (value.device.type in KERNEL_DEVICE_TYPES and os.environ.get("DINO_MSDA") != "reference"
+            and _kernel_covers(value) and _kernel() is not None and _kernel_trusted(value))
+
+
+def _run(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+         attention_weights: Tensor, check_layout: bool = True) -> Tensor:
+    """The attention through the kernel or the reference, on real tensors."""
+    if check_layout:
+        _check_layout(value, spatial_shapes, level_start_index)
+    if _use_kernel(value):
+        return _MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations,
+                                           attention_weights)
+    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@torch.library.custom_op("dino::ms_deform_attn", mutates_args=())
+def _compiled_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                 attention_weights: Tensor) -> Tensor:
+    """What torch.compile sees: one operator, run eagerly. Its output is a new tensor, never a view.
+    The level layout is not read back here: a compiled graph makes it anew each call, and a read would
+    stop the host at every layer (and is not allowed at all while CUDA graphs are being captured)."""
+    with torch.no_grad():
+        return _run(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                    check_layout=False)
+
+
+@_compiled_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    B, _, M, D = value.shape
+    return value.new_empty(B, sampling_locations.shape[1], M * D)
+
+
+def _op_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _op_backward(ctx, grad_output):
+    """The gradients by running the attention again under autograd: compiled training pays one more
+    forward of the attention; compiled inference, the case compiling is for, pays nothing."""
+    value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(need) for t, need in
+                  zip((value, locations, weights), (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]))]
+        out = _run(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2], check_layout=False)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_output) if wanted else ())
+    value_grad, location_grad, weight_grad = (next(grads) if t.requires_grad else None for t in inputs)
+    return value_grad, None, None, location_grad, weight_grad
+
+
+_compiled_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                    sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """value (B, S, M, D), spatial_shapes (L, 2) long, level_start_index (L,) long,
     sampling_locations (B, Q, M, L, P, 2) in [0, 1], attention_weights (B, Q, M, L, P) -> (B, Q, M * D).
     """
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if (value.is_cuda and os.environ.get("DINO_MSDA") != "reference" and _kernel_covers(value)
-            and _kernel() is not None):
-        return _MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations,
-                                           attention_weights)
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if torch.compiler.is_compiling():
+        return _compiled_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _run(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

@@ -19,15 +19,24 @@ EMULATOR = ROOT / "tests" / "cuda_emulation.h"
 ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 
 
-def build_emulated_extension(sanitize: bool = False):
+def build_emulated_extension(sanitize: bool = False, mutation: tuple[str, str] | None = None):
+    """mutation (old, new): build a copy of the kernel source with `old` replaced by `new` (once, and it
+    must be there): a deliberately broken kernel, for the tests of its self-check."""
     from torch.utils import cpp_extension
     _ninja_on_path()
     cflags = ["-O1", "-g", "-Wno-unknown-pragmas"] + (ASAN_FLAGS if sanitize else [])
+    source, include = KERNEL.read_text(), KERNEL.parent
+    if mutation is not None:
+        assert source.count(mutation[0]) == 1, f"{mutation[0]!r} is not in {KERNEL.name} exactly once"
+        source = source.replace(*mutation)
     # the sources come in through #include, which torch does not hash: name the build after their contents
-    digest = hashlib.sha256(KERNEL.read_bytes() + EMULATOR.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(source.encode() + EMULATOR.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+    if mutation is not None:
+        include = Path(cpp_extension._get_build_directory(f"dino_msda_mutant_{digest}", verbose=False))
+        (include / KERNEL.name).write_text(source)
     return cpp_extension.load_inline(
         name=f"dino_msda_emulated_{digest}", cpp_sources=['#define MSDA_EMULATE\n#include "ms_deform_attn.cu"\n'],
-        extra_include_paths=[str(KERNEL.parent), str(EMULATOR.parent)], extra_cflags=cflags,
+        extra_include_paths=[str(include), str(EMULATOR.parent)], extra_cflags=cflags,
         extra_ldflags=ASAN_FLAGS if sanitize else [], with_cuda=False)
 
 

@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -195,6 +197,9 @@ def test_dino_trains_through_the_kernel_as_through_the_reference(kernel, monkeyp
     import deformable_attn
     from conftest import tiny_dino
     device, _, attend = kernel
+    # float32 means float32: cuDNN's convolutions otherwise round to TF32 on the GPU, whose 1e-3 steps make
+    # the two runs' gradients differ by 1.1e-5 (seen on an H100) before the attention is even reached
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     model = tiny_dino().to(device).train()
     for module in model.modules():
@@ -224,6 +229,76 @@ def test_dino_trains_through_the_kernel_as_through_the_reference(kernel, monkeyp
     tol = 1e-2 if amp else 1e-5
     assert (got_outputs - want_outputs).abs().max() <= tol * want_outputs.abs().max()
     assert (got_grads - want_grads).norm() <= tol * want_grads.norm()
+
+
+# --- the self-check -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", list(msda_cuda.SELF_CHECK_TOLERANCE))
+def test_the_self_check_passes_a_correct_kernel(kernel, dtype):
+    device, _, _ = kernel
+    error = msda_cuda.self_check_error(torch.device(device), dtype, 8, 32)
+    assert error <= msda_cuda.SELF_CHECK_TOLERANCE[dtype]
+    assert error > 0 or dtype == torch.float64  # it really compared two computations
+
+
+@pytest.fixture
+def kernel_on_the_cpu(monkeypatch):
+    """ms_deform_attn dispatching CPU tensors to whatever extension the test puts in msda_cuda._extension,
+    as it dispatches CUDA tensors to the compiled kernel; every self-check verdict forgotten."""
+    monkeypatch.setattr(msda_cuda, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(msda_cuda, "_verdicts", {})
+    monkeypatch.delenv("DINO_MSDA_SELF_CHECK", raising=False)
+    monkeypatch.delenv("DINO_MSDA", raising=False)
+    calls = []
+    apply = msda_cuda._MSDeformAttnFunction.apply
+    monkeypatch.setattr(msda_cuda._MSDeformAttnFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@needs_cxx
+def test_a_correct_kernel_is_used_after_its_self_check(emulated_extension, kernel_on_the_cpu, monkeypatch, recwarn):
+    monkeypatch.setattr(msda_cuda, "_extension", emulated_extension)
+    inputs = random_inputs(DINO_LIKE, B=2, Q=6, M=2, D=32, P=3, dtype=torch.float32)
+    out = ms_deform_attn(*inputs)
+    assert len(kernel_on_the_cpu) > 1  # the self-check's call, then the real one
+    assert not [w for w in recwarn if "msda_cuda" in str(w.message)]
+    torch.testing.assert_close(out, ms_deform_attn_reference(*inputs), rtol=1e-5, atol=1e-5)
+
+
+# a kernel wrong only near the right border of each level: the self-check must catch it
+BORDER_BUG = ("px < acc_t(W) &&", "px < acc_t(W - 1) &&")
+
+
+@needs_cxx
+def test_a_broken_kernel_is_caught_by_its_self_check_and_the_reference_takes_over(kernel_on_the_cpu, monkeypatch):
+    broken = build_emulated_extension(mutation=BORDER_BUG)
+    monkeypatch.setattr(msda_cuda, "_extension", broken)
+    inputs = random_inputs(DINO_LIKE, B=2, Q=6, M=2, D=32, P=3, dtype=torch.float32)
+    inputs[3].data[..., 0] = 0.995  # beside the right border, where the broken kernel is wrong
+    assert (broken.forward(*inputs) - ms_deform_attn_reference(*inputs)).abs().max() > 1e-2
+    with pytest.warns(UserWarning, match=r"disagrees with the reference .* float32 values .*relative error"):
+        out = ms_deform_attn(*inputs)
+    calls = len(kernel_on_the_cpu)
+    assert torch.equal(out, ms_deform_attn_reference(*inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not again
+        assert torch.equal(ms_deform_attn(*inputs), out)
+    assert len(kernel_on_the_cpu) == calls  # the kernel is not called again
+    monkeypatch.setenv("DINO_MSDA_SELF_CHECK", "0")  # the switch: no check, the kernel as it is
+    monkeypatch.setattr(msda_cuda, "_verdicts", {})
+    assert not torch.equal(ms_deform_attn(*inputs), out)
+
+
+def test_the_self_check_is_cheap_and_leaves_the_random_stream_alone(kernel):
+    device, _, _ = kernel
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    start = time.perf_counter()
+    msda_cuda.self_check_error(torch.device(device), torch.float32, 8, 32)
+    if device == "cuda":  # the emulation runs threads as fibers: its time says nothing
+        assert time.perf_counter() - start < 0.1
+    assert torch.equal(torch.rand(3), expected)
 
 
 EXERCISE = """
