@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo test gpu-check install clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# On a GPU machine, with that machine's own Python (torch, torchvision, numpy, scipy, ninja, pytest; no
+# pycocotools, no package downloads): every GPU figure of BENCHMARKS.md, as markdown, in about 6 minutes.
+GPU_CHECK_OUTPUT ?= gpu_check.md
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --output $(GPU_CHECK_OUTPUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
