@@ -170,11 +170,26 @@ class CocoDetection(torch.utils.data.Dataset):
         return image.as_subclass(Tensor), target
 
 
-def collate(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor, list[dict]]:
-    """Zero-pad the images to the batch's largest height and width (no further).
+def eval_canvas(scale: float = 1.0) -> tuple[int, int]:
+    """(shorter, longer) side that every evaluation image fits in after make_transforms(train=False)."""
+    return int(round(800 * scale)), int(round(1333 * scale))
+
+
+def collate(batch: list[tuple[Tensor, dict]], canvas: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, list[dict]]:
+    """Zero-pad the images to the batch's largest height and width (no further), or, given a canvas
+    (shorter, longer) side, to one of three fixed sizes, as compiled inference wants: (shorter, longer)
+    when every image is landscape, (longer, shorter) when every one is portrait, else (longer, longer).
     Returns images (B, 3, H, W), mask (B, H, W) True on padding, targets."""
     images, targets = zip(*batch)
     H, W = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    if canvas is not None:
+        short, long = canvas
+        landscape = all(i.shape[1] <= i.shape[2] for i in images)
+        portrait = all(i.shape[1] >= i.shape[2] for i in images)
+        size = (short, long) if landscape else (long, short) if portrait else (long, long)
+        if H > size[0] or W > size[1]:
+            raise ValueError(f"a batch of images up to {H}x{W} does not fit the canvas {size[0]}x{size[1]}")
+        H, W = size
     padded = images[0].new_zeros(len(images), 3, H, W)
     mask = torch.ones(len(images), H, W, dtype=torch.bool)
     for b, image in enumerate(images):

@@ -11,8 +11,10 @@ checkpoint (R50 or Swin-L, 91 COCO classes, detected from its parameter names).
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
 from config import Config, make_config
-from data import CocoDetection, coco_paths, collate, make_transforms, read_image
+from data import CocoDetection, coco_paths, collate, eval_canvas, make_transforms, read_image
 from model import DINO, build_dino, load_checkpoint, postprocess, read_checkpoint
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -49,6 +51,51 @@ def compile_model(model: torch.nn.Module, mode: str | None = None):
     no graph breaks and no reads back to the host inside (the deformable attention is one opaque operator,
     msda_cuda). mode "reduce-overhead" adds CUDA graphs (GPUs)."""
     return torch.compile(model, dynamic=False, mode=mode)
+
+
+def detection_agreement(outputs: dict, reference: dict, top: int = 100) -> tuple[float, float]:
+    """How far `outputs` are from `reference` (both model outputs for the same batch), as detections:
+    (the share of the reference's `top` best (query, class) pairs per image that `outputs` also has, with
+    the same class, a box within 1e-2 and a score within 1e-2, in any query slot, since near-tied
+    selection scores may put the same queries in another order; the largest difference of the `top`
+    best scores)."""
+    def best(out):
+        logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
+        K = logits.shape[-1]
+        scores, index = logits.sigmoid().flatten(1).topk(min(top, logits[0].numel()), dim=1)
+        return scores, index % K, boxes.gather(1, (index // K)[..., None].expand(-1, -1, 4))
+    (s1, l1, b1), (s2, l2, b2) = best(outputs), best(reference)
+    close = ((l1[:, :, None] == l2[:, None]) & ((b1[:, :, None] - b2[:, None]).abs().amax(-1) < 1e-2)
+             & ((s1[:, :, None] - s2[:, None]).abs() < 1e-2))
+    return close.any(1).float().mean().item(), (s1 - s2).abs().max().item()
+
+
+class CompiledModel(torch.nn.Module):
+    """`model` through compile_model, for inference; its first batch also runs eagerly, and if fewer than
+    `min_agreement` of the eager detections come out of the compiled run too (detection_agreement), it
+    warns and runs eagerly from then on: a compiler bug never silently changes the detections."""
+
+    def __init__(self, model: torch.nn.Module, mode: str | None = None, min_agreement: float = 0.95):
+        super().__init__()
+        self.model, self.min_agreement = model, min_agreement
+        self.compiled = compile_model(model, mode)
+        self.checked = self.fell_back = False
+
+    def forward(self, images: Tensor, mask: Tensor) -> dict:
+        if self.fell_back:
+            return self.model(images, mask)
+        outputs = self.compiled(images, mask)
+        if not self.checked:
+            self.checked = True
+            reference = self.model(images, mask)
+            agreement, score_gap = detection_agreement(outputs, reference)
+            if agreement < self.min_agreement:
+                warnings.warn(f"--compile: the compiled model found {100 * agreement:.0f}% of the eager model's "
+                              f"100 best detections on the first batch (largest score difference "
+                              f"{score_gap:.1e}); running eagerly instead")
+                self.fell_back = True
+                return reference
+        return outputs
 
 
 def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict:
@@ -157,13 +204,18 @@ def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], 
 
 
 @torch.no_grad()
-def detect(model: DINO, cfg: Config, images: list[Tensor], device: torch.device) -> list[dict]:
-    """Detections on uint8 images (3, H, W), one at a time, in each image's own pixels."""
+def detect(model: torch.nn.Module, cfg: Config, images: list[Tensor], device: torch.device, amp: bool = False,
+           canvas: tuple[int, int] | None = None) -> list[dict]:
+    """Detections on uint8 images (3, H, W), one at a time, in each image's own pixels; each image padded
+    to `canvas` (data.collate) if given."""
     transform = make_transforms(train=False, scale=cfg.scale)
     model.eval()
     detections = []
     for image in images:
-        out = model(transform(image)[None].to(device))
+        batch, mask, _ = collate([(transform(image), None)], canvas)
+        with amp_autocast(device, amp):
+            out = model(batch.to(device), mask.to(device))
+        out = {k: out[k].float() for k in ("pred_logits", "pred_boxes")}
         detections.append({k: v.cpu() for k, v in postprocess(out, [image.shape[1:]], cfg.num_select)[0].items()})
     return detections
 
@@ -182,6 +234,9 @@ def main():
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--scale", type=float, help="image size factor (default: the checkpoint's)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 where supported)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (a minute or more to start; much faster on GPUs): images "
+                             "are padded to a fixed size, and the first batch is checked against eager")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -190,10 +245,14 @@ def main():
     overrides = {"scale": args.scale} if args.scale is not None else {}
     model, cfg, categories = model_from_checkpoint(args.checkpoint, **overrides)
     model.to(device).eval()
+    canvas = eval_canvas(cfg.scale) if args.compile else None
+    if args.compile:
+        torch._logging.set_logs(recompiles=True)  # say which frame recompiles, and why
+        model = CompiledModel(model, mode="reduce-overhead" if device.type == "cuda" else None)  # + CUDA graphs
 
     if args.image:
         images = [TF.pil_to_tensor(read_image(Path(path), None)) for path in args.image]
-        for path, image, det in zip(args.image, images, detect(model, cfg, images, device)):
+        for path, image, det in zip(args.image, images, detect(model, cfg, images, device, args.amp, canvas)):
             keep = det["scores"] >= args.score_thr
             print(f"{path}: {int(keep.sum())} detections with score >= {args.score_thr}")
             for s, l, b in zip(det["scores"][keep], det["labels"][keep], det["boxes"][keep]):
@@ -211,17 +270,18 @@ def main():
         parser.error("give --data DIR, or --val-images and --val-json, or --image FILE...")
     dataset = CocoDetection(images_dir, ann_file, make_transforms(train=False, scale=cfg.scale))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=collate)
+                                         collate_fn=functools.partial(collate, canvas=canvas))
     metrics = evaluate(model, loader, device, cfg.num_select, args.amp)
     print(format_metrics(metrics))
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {output_dir / 'metrics.json'}")
     if args.vis:
-        save_pictures(model, cfg, dataset, args.vis, args.score_thr, output_dir / "vis", device)
+        save_pictures(model, cfg, dataset, args.vis, args.score_thr, output_dir / "vis", device, args.amp, canvas)
 
 
-def save_pictures(model: DINO, cfg: Config, dataset: CocoDetection, count: int, score_thr: float,
-                  folder: Path, device: torch.device) -> list[Path]:
+def save_pictures(model: torch.nn.Module, cfg: Config, dataset: CocoDetection, count: int, score_thr: float,
+                  folder: Path, device: torch.device, amp: bool = False,
+                  canvas: tuple[int, int] | None = None) -> list[Path]:
     """Draw the detections on the first `count` images of the dataset, in their original pixels."""
     folder.mkdir(parents=True, exist_ok=True)
     names = {c: dataset.coco.cats[c]["name"] for c in dataset.coco.cats}
@@ -231,7 +291,7 @@ def save_pictures(model: DINO, cfg: Config, dataset: CocoDetection, count: int, 
         path = dataset.image_dir / info["file_name"]
         image = TF.pil_to_tensor(read_image(path, (info["width"], info["height"]) if "width" in info else None))
         saved.append(folder / f"{path.stem}.png")
-        TF.to_pil_image(draw_detections(image, detect(model, cfg, [image], device)[0], names, score_thr)).save(saved[-1])
+        TF.to_pil_image(draw_detections(image, detect(model, cfg, [image], device, amp, canvas)[0], names, score_thr)).save(saved[-1])
     return saved
 
 

@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f.write(json.dumps(record) + "\n")
     if is_main and args.demo:
         final_model = ema.model if ema is not None else model
-        saved = save_pictures(final_model, cfg, val_set, 8, 0.3, output_dir / "vis", device)
+        saved = save_pictures(final_model, cfg, val_set, 8, 0.3, output_dir / "vis", device, cfg.amp)
         log(f"demo: AP50 {metrics.get('AP50', 0.0):.3f}, AP {metrics.get('AP', 0.0):.3f} on the generated validation "
             f"split; pictures of the detections in {saved[0].parent}")
     if distributed:
