@@ -8,7 +8,7 @@ The Swin-L here is written out (window attention with a relative position bias, 
 patch merging) and follows the detection variant the official DINO uses: inputs of any size are
 zero-padded to whole windows and patches, and the padded tokens are attended to, not masked.
 Differences from official DINO: no `timm` dependency (stochastic depth is torchvision's
-`stochastic_depth`), and the Swin checkpoint loader says exactly which keys it skipped.
+`stochastic_depth`). The official Swin classification weights load through checkpoints.py.
 """
 from collections.abc import Sequence
 
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import stochastic_depth
 
 BACKBONES = ("r50", "swinl", "r18")
@@ -61,7 +60,9 @@ class ResNet(nn.Module):
         for name, p in resnet.named_parameters():
             if not name.startswith(("layer2", "layer3", "layer4")):
                 p.requires_grad_(False)
-        self.body = IntermediateLayerGetter(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"})
+        # the stem and the four stages, under torchvision's names (checkpoints keep them); no pooling, no classifier
+        self.body = nn.ModuleDict({name: module for name, module in resnet.named_children()
+                                   if name not in ("avgpool", "fc")})
         width = 4 if depth >= 50 else 1  # bottleneck expansion
         self.num_channels = [128 * width, 256 * width, 512 * width]
         self.activation_checkpointing = activation_checkpointing
@@ -263,7 +264,7 @@ class Swin(nn.Module):
 def build_backbone(name: str, pretrained: bool = False, drop_path_rate: float = 0.2,
                    activation_checkpointing: bool = False) -> nn.Module:
     """name in BACKBONES. `pretrained` fetches torchvision's ImageNet weights for the ResNets;
-    the Swin-L weights come from a file, see `load_swin_checkpoint`."""
+    the Swin-L weights come from a file, see checkpoints.load_swin_checkpoint."""
     if name == "r50":
         return ResNet(50, pretrained, activation_checkpointing)
     if name == "r18":
@@ -271,37 +272,6 @@ def build_backbone(name: str, pretrained: bool = False, drop_path_rate: float = 
     if name == "swinl":
         if pretrained:
             raise ValueError("Swin-L weights are not downloadable from torchvision: pass the file "
-                             "swin_large_patch4_window12_384_22k.pth to load_swin_checkpoint instead")
+                             "swin_large_patch4_window12_384_22k.pth to checkpoints.load_swin_checkpoint instead")
         return Swin(drop_path_rate, activation_checkpointing)
     raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
-
-
-def load_swin_checkpoint(swin: Swin, path_or_state_dict) -> dict[str, list[str]]:
-    """Load the official Swin classification checkpoint (e.g. swin_large_patch4_window12_384_22k.pth,
-    `{"model": state_dict}`) into `swin`. Skipped: the classifier (`head.*`), its final `norm.*`, the
-    precomputed `attn_mask` and `relative_position_index` buffers (rebuilt here). The three output norms
-    norm1..norm3 are not in a classification checkpoint and keep their initialisation, as in official
-    DINO. Anything else missing, unexpected or of another shape is an error.
-    Returns {"skipped": [...], "initialised": [...]}.
-    """
-    source = path_or_state_dict
-    if not isinstance(source, dict):
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    state = source.get("model", source)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    skip = lambda k: k.startswith(("head.", "norm.")) or k.endswith(("attn_mask", "relative_position_index"))
-    skipped = sorted(k for k in state if skip(k))
-    state = {k: v for k, v in state.items() if not skip(k)}
-    own = swin.body.state_dict()
-    own_norms = [k for k in own if k.startswith("norm")]
-    expected = {k for k in own if not k.endswith("relative_position_index") and k not in own_norms}
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    wrong = sorted(k for k in expected & state.keys() if state[k].shape != own[k].shape)
-    if missing or unexpected or wrong:
-        where = path_or_state_dict if isinstance(path_or_state_dict, str) else "the Swin state dict"
-        raise ValueError(f"{where} does not fit Swin-L (patch 4, window 12): missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}, wrong shape "
-                         f"{[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}")
-    swin.body.load_state_dict(state, strict=False)
-    return {"skipped": skipped, "initialised": own_norms}

@@ -10,7 +10,6 @@ checkpoint (R50 or Swin-L, 91 COCO classes, detected from its parameter names).
 """
 import argparse
 import contextlib
-import dataclasses
 import functools
 import io
 import json
@@ -19,14 +18,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
-from config import Config, make_config
+from checkpoints import model_from_checkpoint
+from config import Config
 from data import CocoDetection, coco_paths, collate, eval_canvas, make_transforms, read_image
-from model import DINO, build_dino, load_checkpoint, postprocess, read_checkpoint
+from model import postprocess
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -171,26 +170,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_select: i
     return coco_metrics(dataset.coco, results, image_ids)
 
 
-# --- checkpoints, pictures, command line ---------------------------------------------------------------
-
-def model_from_checkpoint(path: str, **overrides) -> tuple[DINO, Config, dict[int, str]]:
-    """Build the model a checkpoint was trained with and load its weights (the EMA weights if it kept
-    them). Returns (model, config, category names by id)."""
-    checkpoint = read_checkpoint(path)
-    if "config" in checkpoint:  # ours
-        cfg = make_config(**{**checkpoint["config"], **overrides})
-        categories = {int(k): v for k, v in checkpoint.get("categories", {}).items()}
-        state = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
-    else:  # official DINO: R50 or Swin-L by the backbone's parameter names, classes from the class head
-        state = checkpoint.get("model", checkpoint)
-        backbone = "swinl" if any(k.startswith("backbone.0.patch_embed") for k in state) else "r50"
-        num_classes = state["class_embed.0.weight"].shape[0] if "class_embed.0.weight" in state else 91
-        cfg = make_config(backbone=backbone, num_classes=num_classes, **overrides)
-        categories = {}
-    model = build_dino(**dataclasses.asdict(cfg))
-    load_checkpoint(model, state)
-    return model, cfg, categories
-
+# --- pictures, command line ---------------------------------------------------------------
 
 def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], score_thr: float) -> Tensor:
     """image (3, H, W) uint8; detection from postprocess in the image's pixels. Returns (3, H, W) uint8."""

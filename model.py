@@ -11,13 +11,11 @@ tokens, M heads, P points, C = hidden_dim (256), K classes, G ground-truth boxes
 Boxes are (cx, cy, w, h) in [0, 1] of each image's valid (unpadded) size unless named otherwise.
 
 This model computes what official DINO (IDEA-Research/DINO, DINO-4scale) computes with the same
-weights; `load_checkpoint` maps official names onto ours. Where that meant keeping an official
+weights; checkpoints.load_checkpoint maps official names onto ours. Where that meant keeping an official
 detail the paper does not describe, the line says "official DINO".
 """
-import argparse
 import functools
 import math
-import re
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,7 @@ from torchvision.ops import box_convert
 from backbone import build_backbone, run_layer
 from config import Config, make_config
 from deformable_attn import MSDeformAttn
-from denoising import DNQueries, build_cdn_queries
+from denoising import build_cdn_queries
 from msda_cuda import level_start_index_of
 
 NUM_LEVELS = 4  # DINO-4scale: strides 8, 16, 32 from the backbone plus a stride-64 map
@@ -428,107 +426,3 @@ def postprocess(outputs: dict, target_sizes, num_select: int = Config.num_select
     h, w = target_sizes.to(boxes.dtype).unbind(1)
     boxes_xyxy = boxes_xyxy * torch.stack([w, h, w, h], 1)[:, None]
     return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes_xyxy)]
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------
-
-# Official DINO parameter names (IDEA-Research/DINO, as in checkpoint0011_4scale.pth) -> ours. Applied in
-# order, first match wins. The official model registers its shared heads under 12 aliases
-# (class_embed.{0..5} and transformer.decoder.class_embed.{0..5}, likewise bbox_embed); all map to one tensor.
-OFFICIAL_NAME_MAP = [
-    (r"^backbone\.0\.body\.", "backbone.body."),                    # ResNet
-    (r"^backbone\.0\.", "backbone.body."),                          # Swin
-    (r"^transformer\.level_embed$", "level_embed"),
-    (r"^transformer\.encoder\.layers\.(\d+)\.norm1\.", r"encoder.layers.\1.self_attn_norm."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.norm2\.", r"encoder.layers.\1.ffn_norm."),
-    (r"^transformer\.(en|de)coder\.layers\.(\d+)\.linear(\d)\.", r"\1coder.layers.\2.ffn.linear\3."),
-    (r"^transformer\.encoder\.", "encoder."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm1\.", r"decoder.layers.\1.cross_attn_norm."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm2\.", r"decoder.layers.\1.self_attn_norm."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm3\.", r"decoder.layers.\1.ffn_norm."),
-    (r"^transformer\.decoder\.ref_point_head\.", "decoder.query_pos_head."),
-    (r"^(transformer\.decoder\.)?class_embed\.\d+\.", "class_head."),
-    (r"^(transformer\.decoder\.)?bbox_embed\.\d+\.", "box_head."),
-    (r"^transformer\.decoder\.", "decoder."),
-    (r"^transformer\.tgt_embed\.", "content_queries."),
-    (r"^transformer\.enc_output\.", "enc_output."),
-    (r"^transformer\.enc_output_norm\.", "enc_output_norm."),
-    (r"^transformer\.enc_out_class_embed\.", "enc_class_head."),
-    (r"^transformer\.enc_out_bbox_embed\.", "enc_box_head."),
-    (r"^label_enc\.", "dn_label_embed."),
-    (r"^input_proj\.", "input_proj."),
-]
-# tensors whose size depends on the number of classes: re-initialised when fine-tuning to other classes
-CLASS_SPECIFIC = ("class_head.", "enc_class_head.", "dn_label_embed.")
-
-
-def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official DINO state dict -> ours (see OFFICIAL_NAME_MAP). Aliases of a shared tensor must agree."""
-    ours: dict[str, Tensor] = {}
-    unknown = []
-    for name, tensor in official.items():
-        for pattern, replacement in OFFICIAL_NAME_MAP:
-            new_name, n = re.subn(pattern, replacement, name)
-            if n:
-                break
-        else:
-            unknown.append(name)
-            continue
-        if new_name in ours and not torch.equal(ours[new_name], tensor):
-            raise ValueError(f"official key {name} is an alias of {new_name} but holds different values: "
-                             f"a model without shared decoder heads is not supported")
-        ours[new_name] = tensor
-    if unknown:
-        raise ValueError(f"official DINO keys with no counterpart here: {unknown[:10]}"
-                         f"{' ...' if len(unknown) > 10 else ''}")
-    return ours
-
-
-def read_checkpoint(path: str) -> dict:
-    # official checkpoints also hold their argparse.Namespace of settings: allow just that class
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-        except Exception as e:
-            raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e}); if it holds "
-                             f"objects other than tensors, re-save just its state dict") from e
-
-
-def load_checkpoint(model: DINO, path_or_state_dict, ignore_class_heads: bool = False) -> list[str]:
-    """Load our checkpoints or official DINO release checkpoints into `model`.
-
-    Accepts a file path, a `{"model": state_dict, ...}` dict or a bare state dict, with official names
-    (mapped by OFFICIAL_NAME_MAP) or ours, optionally prefixed "module." (DistributedDataParallel).
-    Strict: a missing, unexpected or differently shaped tensor is an error, except that with
-    ignore_class_heads=True the class-specific tensors (CLASS_SPECIFIC) are left as they are, for
-    fine-tuning to another number of classes. Returns the names left at their initial values.
-    """
-    source = path_or_state_dict
-    where = source if isinstance(source, str) else "the given state dict"
-    if isinstance(source, str):
-        source = read_checkpoint(source)
-    state = source.get("model", source) if isinstance(source, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{where} holds no state dict (expected tensors under 'model' or at the top level)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("transformer.") for k in state):
-        state = convert_official_state_dict(state)
-    own = model.state_dict()
-    kept = []
-    if ignore_class_heads:
-        kept = sorted(k for k in own if k.startswith(CLASS_SPECIFIC))
-        state = {k: v for k, v in state.items() if not k.startswith(CLASS_SPECIFIC)}
-    missing = sorted(own.keys() - state.keys() - set(kept))
-    unexpected = sorted(state.keys() - own.keys())
-    wrong = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in sorted(own.keys() & state.keys())
-             if state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        hint = ""
-        if wrong and all(k.startswith(CLASS_SPECIFIC) for k, *_ in wrong):
-            hint = " (another number of classes: pass ignore_class_heads=True to fine-tune)"
-        raise ValueError(f"{where} does not fit this model{hint}: missing {missing[:8]}, unexpected "
-                         f"{unexpected[:8]}, wrong shape (checkpoint, model) {wrong[:8]}")
-    model.load_state_dict(state, strict=not ignore_class_heads)
-    return kept

@@ -29,12 +29,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from backbone import build_backbone, load_swin_checkpoint
+from checkpoints import load_pretrained, load_pretrained_backbone, read_checkpoint
 from config import Config, make_config
 from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
 from eval import amp_autocast, amp_dtype, evaluate, format_metrics, save_pictures
 from losses import Criterion
-from model import DINO, build_dino, load_checkpoint, read_checkpoint
+from model import DINO, build_dino
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
 DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
@@ -157,45 +157,6 @@ def build_optimizer(model: DINO, cfg: Config) -> torch.optim.Optimizer:
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
     return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr_backbone}],
                              weight_decay=cfg.weight_decay, fused=rest[0].is_cuda or None)
-
-
-def load_pretrained(model: DINO, path: str, log) -> None:
-    """Fine-tune from a checkpoint (ours or official DINO); class-specific heads are re-initialised
-    when the number of classes differs."""
-    checkpoint = read_checkpoint(path)
-    state = checkpoint.get("model", checkpoint)
-    head = state.get("class_embed.0.weight", state.get("class_head.weight"))
-    different = head is not None and head.shape[0] != model.cfg.num_classes
-    kept = load_checkpoint(model, checkpoint, ignore_class_heads=different)
-    if different:
-        log(f"{path} has {head.shape[0]} classes, this model {model.cfg.num_classes}: "
-            f"re-initialised {', '.join(kept)}; loaded everything else")
-    else:
-        log(f"loaded {path}")
-
-
-def load_pretrained_backbone(model: DINO, spec: str, log) -> None:
-    """`imagenet`: torchvision's ImageNet weights (ResNets; downloads once). A file: the official Swin
-    classification checkpoint for swinl, a torchvision ResNet state dict for the ResNets."""
-    if spec == "imagenet":
-        if model.cfg.backbone == "swinl":
-            raise ValueError("--pretrained-backbone imagenet is for ResNets; Swin-L needs the file "
-                             "swin_large_patch4_window12_384_22k.pth")
-        pretrained = build_backbone(model.cfg.backbone, pretrained=True)
-        model.backbone.load_state_dict(pretrained.state_dict())
-        log("backbone: torchvision ImageNet weights")
-    elif model.cfg.backbone == "swinl":
-        report = load_swin_checkpoint(model.backbone, spec)
-        log(f"backbone: {spec} (skipped {len(report['skipped'])} classifier entries; "
-            f"initialised {', '.join(report['initialised'])})")
-    else:
-        state = read_checkpoint(spec)
-        state = {k: v for k, v in state.get("model", state).items() if not k.startswith("fc.")}
-        missing, unexpected = model.backbone.body.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{spec} is not a torchvision ResNet state dict: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        log(f"backbone: {spec}")
 
 
 def build_parser() -> argparse.ArgumentParser:

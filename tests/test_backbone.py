@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from backbone import Swin, SwinTransformer, build_backbone, load_swin_checkpoint
+from backbone import SwinTransformer, build_backbone
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 
@@ -68,40 +68,6 @@ def test_swin_activation_checkpointing_gives_the_same_outputs_and_gradients():
     sum(o.sum() for o in out_ckpt).backward()
     for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
-
-
-def fake_swin_classification_checkpoint(swin: Swin) -> dict:
-    """What microsoft/Swin-Transformer's swin_large_patch4_window12_384_22k.pth holds: our stages' weights
-    plus the classifier (head, 21841 classes), its final norm and the shifted blocks' attn_mask buffers."""
-    state = {k: torch.randn_like(v.float()) if v.is_floating_point() else v.clone()
-             for k, v in swin.body.state_dict().items() if not k.startswith(("norm1", "norm2", "norm3"))}
-    for i, depth in enumerate((2, 2, 18)):
-        for j in range(1, depth, 2):
-            state[f"layers.{i}.blocks.{j}.attn_mask"] = torch.zeros(4, 144, 144)
-    state.update({"norm.weight": torch.ones(1536), "norm.bias": torch.zeros(1536),
-                  "head.weight": torch.zeros(21841, 1536), "head.bias": torch.zeros(21841)})
-    return {"model": state}
-
-
-def test_swin_checkpoint_loads():
-    swin = build_backbone("swinl")
-    checkpoint = fake_swin_classification_checkpoint(swin)
-    norm_before = swin.body.norm2.weight.clone()
-    report = load_swin_checkpoint(swin, checkpoint)
-    assert "head.weight" in report["skipped"] and "layers.0.blocks.1.attn_mask" in report["skipped"]
-    assert report["initialised"] == [f"norm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")]
-    state = checkpoint["model"]
-    assert torch.equal(swin.body.layers[2].blocks[17].mlp.fc2.weight, state["layers.2.blocks.17.mlp.fc2.weight"])
-    assert torch.equal(swin.body.patch_embed.proj.weight, state["patch_embed.proj.weight"])
-    assert torch.equal(swin.body.norm2.weight, norm_before)
-
-
-def test_swin_checkpoint_of_another_window_size_is_refused():
-    swin = build_backbone("swinl")
-    checkpoint = fake_swin_classification_checkpoint(swin)
-    checkpoint["model"]["layers.0.blocks.0.attn.relative_position_bias_table"] = torch.zeros(169, 6)  # window 7
-    with pytest.raises(ValueError, match="relative_position_bias_table"):
-        load_swin_checkpoint(swin, checkpoint)
 
 
 def test_resnet_loads_torchvision_imagenet_weights_from_the_hub_cache(tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import tv_tensors
-from torchvision.ops import box_convert
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, RandomSizeCrop, collate, make_shapes_dataset,
                   make_transforms)

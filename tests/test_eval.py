@@ -9,7 +9,7 @@ from torch import nn
 
 import train
 from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
-from eval import evaluate, model_from_checkpoint
+from eval import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,12 +77,3 @@ def test_eval_command_on_a_trained_checkpoint(shapes, tmp_path):
     # as many detections; not the same ones: padded to the compiled canvas, this barely trained model's
     # near-zero scores move (the input projections' GroupNorm sees the padding, as in official DINO)
     assert result.stdout.splitlines()[0] == eager.splitlines()[0]
-
-
-def test_official_checkpoint_is_recognised(tmp_path):
-    from test_model import REFERENCE, fake_official_state_dict
-    official = fake_official_state_dict(json.loads((REFERENCE / "official_r50_keys.json").read_text()))
-    torch.save({"model": official, "args": __import__("argparse").Namespace(backbone="resnet50")}, tmp_path / "o.pth")
-    model, cfg, categories = model_from_checkpoint(str(tmp_path / "o.pth"))
-    assert (cfg.backbone, cfg.num_classes, categories) == ("r50", 91, {})
-    assert torch.equal(model.class_head.weight, official["class_embed.0.weight"])

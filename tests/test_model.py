@@ -1,17 +1,10 @@
-import json
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import tiny_dino
-from scripts.param_count import official_parameter_count
-from model import (box_sine_embedding, build_dino, encoder_proposals, inverse_sigmoid, load_checkpoint,
-                   postprocess, sine_position_embedding)
-
-REFERENCE = Path(__file__).resolve().parents[1] / "reference"
+from model import box_sine_embedding, build_dino, encoder_proposals, inverse_sigmoid, postprocess, sine_position_embedding
 
 
 def test_output_shapes():
@@ -107,91 +100,6 @@ def test_look_forward_twice_trains_the_previous_layers_box_prediction():
     assert all(r.requires_grad for r in later)
     grad = torch.autograd.grad(later[0].sum(), model.box_head.layers[2].bias)[0]
     assert grad.abs().sum() > 0
-
-
-def test_checkpoint_round_trip(tmp_path):
-    model = tiny_dino().eval()
-    path = tmp_path / "ckpt.pth"
-    torch.save({"model": model.state_dict()}, path)
-    fresh = tiny_dino().eval()
-    assert load_checkpoint(fresh, str(path)) == []
-    images = torch.randn(1, 3, 96, 128)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(images)["pred_logits"], model(images)["pred_logits"], rtol=0, atol=0)
-
-
-def test_checkpoint_errors_name_the_problem(tmp_path):
-    model = tiny_dino()
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        load_checkpoint(model, str(tmp_path / "nope.pth"))
-    state = model.state_dict()
-    del state["level_embed"]
-    with pytest.raises(ValueError, match="missing.*level_embed"):
-        load_checkpoint(model, state)
-    other = tiny_dino(num_classes=7).state_dict()
-    with pytest.raises(ValueError, match="ignore_class_heads"):
-        load_checkpoint(model, other)
-    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth"):
-        load_checkpoint(model, str(tmp_path / "junk.pth"))
-
-
-def test_fine_tuning_to_another_number_of_classes_keeps_the_new_heads():
-    source = tiny_dino(num_classes=7)
-    model = tiny_dino(num_classes=3)
-    head_before = model.class_head.weight.clone()
-    kept = load_checkpoint(model, {"model": source.state_dict()}, ignore_class_heads=True)
-    assert set(kept) == {"class_head.weight", "class_head.bias", "enc_class_head.weight", "enc_class_head.bias",
-                         "dn_label_embed.weight"}
-    assert torch.equal(model.class_head.weight, head_before)
-    assert torch.equal(model.level_embed, source.level_embed)
-
-
-def fake_official_state_dict(key_list: dict) -> dict:
-    """Random tensors under every official name, in order; the shared heads' 12 aliases share one tensor."""
-    shared = {}
-    state = {}
-    for name, shape in key_list.items():
-        alias = re.match(r"^(transformer\.decoder\.)?(class|bbox)_embed\.\d+\.(.*)$", name)
-        if alias:
-            state[name] = shared.setdefault(f"{alias[2]}.{alias[3]}", torch.randn(shape))
-        elif name.endswith("relative_position_index"):
-            state[name] = torch.zeros(shape, dtype=torch.long)
-        else:
-            state[name] = torch.randn(shape)
-    return state
-
-
-@pytest.mark.parametrize("backbone, key_file", [("r50", "official_r50_keys.json"), ("swinl", "official_swinl_keys.json")])
-def test_official_checkpoints_load_strictly(backbone, key_file, tmp_path):
-    key_list = json.loads((REFERENCE / key_file).read_text())
-    official = fake_official_state_dict(key_list)
-    assert list(official) == list(key_list)
-    model = build_dino(backbone)
-    source = {"model": official, "epoch": 11}
-    if backbone == "r50":  # through a file as well (Swin-L's would be 870 MB)
-        source = tmp_path / "checkpoint0011_4scale.pth"
-        torch.save({"model": official, "epoch": 11}, source)
-        source = str(source)
-    assert load_checkpoint(model, source) == []
-    assert torch.equal(model.class_head.weight, official["class_embed.0.weight"])
-    assert torch.equal(model.box_head.layers[2].bias, official["transformer.decoder.bbox_embed.5.layers.2.bias"])
-    assert torch.equal(model.decoder.layers[3].self_attn_norm.weight, official["transformer.decoder.layers.3.norm2.weight"])
-    assert torch.equal(model.content_queries.weight, official["transformer.tgt_embed.weight"])
-    assert torch.equal(model.dn_label_embed.weight, official["label_enc.weight"])
-    first_backbone_key = next(k for k in key_list if k.startswith("backbone.0."))
-    ours = model.state_dict()[first_backbone_key.replace("backbone.0.body.", "backbone.body.").replace("backbone.0.", "backbone.body.")]
-    assert torch.equal(ours, official[first_backbone_key])
-    count = sum(p.numel() for p in model.parameters())
-    assert count == official_parameter_count(key_list) == {"r50": 46_893_182, "swinl": 217_230_066}[backbone]
-
-
-def test_official_checkpoint_with_unshared_heads_is_refused():
-    key_list = json.loads((REFERENCE / "official_r50_keys.json").read_text())
-    official = fake_official_state_dict(key_list)
-    official["class_embed.3.weight"] = torch.randn_like(official["class_embed.3.weight"])
-    with pytest.raises(ValueError, match="class_embed.3.weight"):
-        load_checkpoint(build_dino("r50"), official)
 
 
 def test_sine_position_embedding_follows_the_valid_region():

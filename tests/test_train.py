@@ -9,7 +9,7 @@ import torch
 
 import train
 from data import make_shapes_dataset
-from model import read_checkpoint
+from checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "r18", "--hidden-dim", "64", "--nheads", "2", "--enc-layers", "1", "--dec-layers", "2",
