@@ -26,23 +26,9 @@ from checkpoints import model_from_checkpoint
 from config import Config
 from data import CocoDetection, coco_paths, collate, eval_canvas, make_transforms, read_image
 from model import postprocess
+from precision import amp_autocast, at_least_float32
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The autocast dtype for --amp: bf16 where the device supports it, else fp16 (CUDA); None without --amp."""
-    if not amp:
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def amp_autocast(device: torch.device, amp: bool):
-    """The autocast context of --amp (amp_dtype), or a no-op without it."""
-    dtype = amp_dtype(device, amp)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def compile_model(model: torch.nn.Module, mode: str | None = None):
@@ -59,7 +45,7 @@ def detection_agreement(outputs: dict, reference: dict, top: int = 100) -> tuple
     selection scores may put the same queries in another order; the largest difference of the `top`
     best scores)."""
     def best(out):
-        logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
+        logits, boxes = at_least_float32(out["pred_logits"]), at_least_float32(out["pred_boxes"])
         K = logits.shape[-1]
         scores, index = logits.sigmoid().flatten(1).topk(min(top, logits[0].numel()), dim=1)
         return scores, index % K, boxes.gather(1, (index // K)[..., None].expand(-1, -1, 4))
@@ -150,7 +136,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_select: i
     for images, mask, targets in loader:
         with amp_autocast(device, amp):
             outputs = model(images.to(device), mask.to(device))
-        outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
+        outputs = {k: at_least_float32(outputs[k]) for k in ("pred_logits", "pred_boxes")}
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         detections = [{k: v.cpu() for k, v in d.items()} for d in postprocess(outputs, sizes, num_select)]
         results += to_coco_results(detections, targets, set(dataset.coco.cats))
@@ -195,7 +181,7 @@ def detect(model: torch.nn.Module, cfg: Config, images: list[Tensor], device: to
         batch, mask, _ = collate([(transform(image), None)], canvas)
         with amp_autocast(device, amp):
             out = model(batch.to(device), mask.to(device))
-        out = {k: out[k].float() for k in ("pred_logits", "pred_boxes")}
+        out = {k: at_least_float32(out[k]) for k in ("pred_logits", "pred_boxes")}
         detections.append({k: v.cpu() for k, v in postprocess(out, [image.shape[1:]], cfg.num_select)[0].items()})
     return detections
 

@@ -25,14 +25,14 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from config import Config, make_config
 from matcher import hungarian_match_sets
+from precision import at_least_float32
 
 
 def set_loss(logits: Tensor, boxes_cxcywh: Tensor, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
              num_boxes: float | Tensor, alpha: float = 0.25, gamma: float = 2.0) -> dict[str, Tensor]:
     """logits (B, Q, K), boxes_cxcywh (B, Q, 4); indices per image (query_idx, target_idx).
     Returns the unweighted terms {"loss_ce", "loss_bbox", "loss_giou"}, computed in float32 at least."""
-    if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss is not
-        logits, boxes_cxcywh = logits.float(), boxes_cxcywh.float()
+    logits, boxes_cxcywh = at_least_float32(logits), at_least_float32(boxes_cxcywh)  # precision.py
     batch = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
     query = torch.cat([q for q, _ in indices])
     target_classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)

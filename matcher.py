@@ -13,13 +13,14 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou
 
+from precision import at_least_float32
+
 
 def matching_cost(logits: Tensor, boxes_cxcywh: Tensor, target_labels: Tensor, target_boxes_cxcywh: Tensor,
                   cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
                   alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """logits (Q, K), boxes_cxcywh (Q, 4); target_labels (G,), target_boxes_cxcywh (G, 4). Returns (Q, G)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the costs are not
-        logits, boxes_cxcywh = logits.float(), boxes_cxcywh.float()
+    logits, boxes_cxcywh = at_least_float32(logits), at_least_float32(boxes_cxcywh)  # precision.py
     probs = logits.sigmoid()[:, target_labels]  # (Q, G)
     eps = 1e-8  # as official DINO, keeps the logs finite
     positive = alpha * (1 - probs) ** gamma * -(probs + eps).log()

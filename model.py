@@ -44,7 +44,7 @@ def sine_position_embedding(mask: Tensor, num_feats: int, temperature: float) ->
     """Sine encoding of each pixel's position, normalised to the image's valid size (DETR Sec. 3.2).
 
     mask (B, H, W), True on padding. Returns (B, 2 * num_feats, H, W) float32: y features then x,
-    sin and cos interleaved. Computed in float32, as official DINO, whatever the model's dtype.
+    sin and cos interleaved. Computed in float32, as official DINO, whatever the model's dtype (precision.py).
     """
     not_mask = ~mask
     y = not_mask.cumsum(1, dtype=torch.float32)

@@ -32,9 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 from checkpoints import load_pretrained, load_pretrained_backbone, read_checkpoint
 from config import Config, make_config
 from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
-from eval import amp_autocast, amp_dtype, evaluate, format_metrics, save_pictures
+from eval import evaluate, format_metrics, save_pictures
 from losses import Criterion
 from model import DINO, build_dino
+from precision import amp_autocast, amp_dtype
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
 DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,

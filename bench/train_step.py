@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import make_config, parse_overrides  # noqa: E402
-from eval import amp_autocast, amp_dtype, compile_model  # noqa: E402
+from eval import compile_model  # noqa: E402
 from losses import Criterion  # noqa: E402
 from model import build_dino, postprocess  # noqa: E402
+from precision import amp_autocast, amp_dtype, at_least_float32  # noqa: E402
 from train import build_optimizer, make_grad_scaler, train_step  # noqa: E402
 
 CONFIGS = [
@@ -97,7 +98,7 @@ def time_inference(backbone: str, size, iters: int, device: torch.device, amp: b
                 start = time.perf_counter()
             with amp_autocast(device, amp):  # as eval.py runs it
                 out = run(images, mask)
-            out = {k: out[k].float() for k in ("pred_logits", "pred_boxes")}
+            out = {k: at_least_float32(out[k]) for k in ("pred_logits", "pred_boxes")}
             detections = postprocess(out, [size])
             [{k: v.cpu() for k, v in d.items()} for d in detections]  # on the host, where a user reads them
             if i == 0:

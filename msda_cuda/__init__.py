@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from precision import at_least_float32
+
 from .reference import ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference", "level_start_index_of", "build_extension"]
@@ -143,8 +145,7 @@ def _aligned(t: Tensor) -> Tensor:
 class _MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        # locations and weights in float32 (float64 for float64 values): bf16 would misplace the samples
-        coord = torch.float64 if value.dtype == torch.float64 else torch.float32
+        coord = at_least_float32(value.dtype)  # locations and weights: float32 at least (precision.py)
         ctx.dtypes = sampling_locations.dtype, attention_weights.dtype
         value = _aligned(value)
         locations, weights = sampling_locations.to(coord).contiguous(), attention_weights.to(coord).contiguous()
@@ -179,7 +180,7 @@ def self_check_error(device: torch.device, dtype: torch.dtype, heads: int, chann
     g = torch.Generator().manual_seed(0)
     shapes = torch.tensor(SELF_CHECK_LEVELS)
     S, L, B, Q, P = int(shapes.prod(1).sum()), len(SELF_CHECK_LEVELS), 3, 5, 2
-    coord = torch.float64 if dtype == torch.float64 else torch.float32
+    coord = at_least_float32(dtype)
     value = torch.randn(B, S, heads, channels, generator=g)
     locations = torch.rand(B, Q, heads, L, P, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
     weights = torch.rand(B, Q, heads, L, P, generator=g, dtype=torch.float64)
