@@ -170,7 +170,7 @@ def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], 
 
 
 @torch.no_grad()
-def detect(model: torch.nn.Module, cfg: Config, images: list[Tensor], device: torch.device, amp: bool = False,
+def detect_images(model: torch.nn.Module, cfg: Config, images: list[Tensor], device: torch.device, amp: bool = False,
            canvas: tuple[int, int] | None = None) -> list[dict]:
     """Detections on uint8 images (3, H, W), one at a time, in each image's own pixels; each image padded
     to `canvas` (data.collate) if given."""
@@ -218,7 +218,7 @@ def main():
 
     if args.image:
         images = [TF.pil_to_tensor(read_image(Path(path), None)) for path in args.image]
-        for path, image, det in zip(args.image, images, detect(model, cfg, images, device, args.amp, canvas)):
+        for path, image, det in zip(args.image, images, detect_images(model, cfg, images, device, args.amp, canvas)):
             keep = det["scores"] >= args.score_thr
             print(f"{path}: {int(keep.sum())} detections with score >= {args.score_thr}")
             for s, l, b in zip(det["scores"][keep], det["labels"][keep], det["boxes"][keep]):
@@ -257,7 +257,7 @@ def save_pictures(model: torch.nn.Module, cfg: Config, dataset: CocoDetection, c
         path = dataset.image_dir / info["file_name"]
         image = TF.pil_to_tensor(read_image(path, (info["width"], info["height"]) if "width" in info else None))
         saved.append(folder / f"{path.stem}.png")
-        TF.to_pil_image(draw_detections(image, detect(model, cfg, [image], device, amp, canvas)[0], names, score_thr)).save(saved[-1])
+        TF.to_pil_image(draw_detections(image, detect_images(model, cfg, [image], device, amp, canvas)[0], names, score_thr)).save(saved[-1])
     return saved
 
 

@@ -72,12 +72,22 @@ def box_sine_embedding(boxes: Tensor, num_feats: int) -> Tensor:
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-3)
 
 
+def valid_sizes(mask: Tensor) -> Tensor:
+    """mask (B, H, W), True on padding -> (B, 2) int64: the unpadded width and height in pixels."""
+    return torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1)
+
+
 def valid_ratios(mask: Tensor) -> Tensor:
     """mask (B, H, W) -> (B, 2) float32: the unpadded fraction of the width and the height."""
     _, H, W = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1)
-    valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / W, valid_h.float() / H], -1)
+    return valid_sizes(mask).float() / torch.tensor([W, H], dtype=torch.float32, device=mask.device)
+
+
+def pixel_centres(H: int, W: int, device: torch.device) -> Tensor:
+    """(H * W, 2) float32: the (x, y) pixel coordinates of the centres of an H x W map, row by row."""
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=device) + 0.5,
+                            torch.arange(W, dtype=torch.float32, device=device) + 0.5, indexing="ij")
+    return torch.stack([xs, ys], -1).reshape(H * W, 2)
 
 
 def level_layout(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -93,44 +103,39 @@ def level_layout(shapes: tuple[tuple[int, int], ...], device: torch.device) -> t
 cached_level_layout = functools.lru_cache(maxsize=256)(level_layout)
 
 
-def encoder_reference_points(spatial_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
+def encoder_reference_points(level_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
     """Each token's pixel centre as a reference point on every level (Deformable DETR Sec. 4.1).
 
-    ratios (B, L, 2) from valid_ratios. Returns (B, S, L, 2) (x, y) in [0, 1] of each padded map, float32.
+    level_shapes [(H_l, W_l)] * L; ratios (B, L, 2) from valid_ratios.
+    Returns (B, S, L, 2) (x, y) in [0, 1] of each padded map, float32.
     """
     points = []
-    for lvl, (H, W) in enumerate(spatial_shapes):
-        ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=ratios.device) + 0.5,
-                                torch.arange(W, dtype=torch.float32, device=ratios.device) + 0.5, indexing="ij")
-        ys = ys.reshape(-1)[None] / (ratios[:, None, lvl, 1] * H)  # normalised to the valid height
-        xs = xs.reshape(-1)[None] / (ratios[:, None, lvl, 0] * W)
+    for lvl, (H, W) in enumerate(level_shapes):
+        centres = pixel_centres(H, W, ratios.device)  # (H*W, 2)
+        ys = centres[:, 1][None] / (ratios[:, None, lvl, 1] * H)  # normalised to the valid height
+        xs = centres[:, 0][None] / (ratios[:, None, lvl, 0] * W)
         points.append(torch.stack((xs, ys), -1))
     return torch.cat(points, 1)[:, :, None] * ratios[:, None]
 
 
-def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]]):
+def encoder_proposals(memory: Tensor, padding_mask: Tensor, level_shapes: list[tuple[int, int]]):
     """One proposal box per encoder token, for mixed query selection (Sec. 3.4).
 
     A token at pixel (i, j) of level l proposes the box centred on it, 0.05 * 2^l wide and high,
     in inverse-sigmoid space. Padding tokens and proposals not within (0.01, 0.99) in all four
     coordinates are invalid: their box becomes +inf and their memory 0. Official DINO still lets
     them compete in the top-Q selection (their score is that of a zero memory); so do we.
-    memory (B, S, C), padding_mask (B, S). Returns memory (B, S, C), proposals (B, S, 4) float32.
+    memory (B, S, C), padding_mask (B, S), level_shapes [(H_l, W_l)] * L.
+    Returns memory (B, S, C), proposals (B, S, 4) float32.
     """
     B = memory.shape[0]
-    proposals, start = [], 0
-    for lvl, (H, W) in enumerate(spatial_shapes):
-        mask_l = padding_mask[:, start:start + H * W].view(B, H, W)
-        valid_h = (~mask_l[:, :, 0]).sum(1)
-        valid_w = (~mask_l[:, 0, :]).sum(1)
-        ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=memory.device),
-                                torch.arange(W, dtype=torch.float32, device=memory.device), indexing="ij")
-        grid = torch.stack([xs, ys], -1)  # (H, W, 2)
-        scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)
-        centres = (grid[None] + 0.5) / scale  # (B, H, W, 2)
+    proposals = []
+    level_masks = padding_mask.split([H * W for H, W in level_shapes], 1)
+    for lvl, ((H, W), mask_l) in enumerate(zip(level_shapes, level_masks)):
+        scale = valid_sizes(mask_l.view(B, H, W)).view(B, 1, 2)
+        centres = pixel_centres(H, W, memory.device)[None] / scale  # (B, H*W, 2)
         sizes = torch.ones_like(centres) * 0.05 * (2.0 ** lvl)
-        proposals.append(torch.cat((centres, sizes), -1).view(B, H * W, 4))
-        start += H * W
+        proposals.append(torch.cat((centres, sizes), -1))
     proposals = torch.cat(proposals, 1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
@@ -191,10 +196,10 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.checkpointing = cfg.encoder_checkpointing
 
-    def forward(self, src: Tensor, pos: Tensor, shapes: list[tuple[int, int]], spatial_shapes: Tensor,
+    def forward(self, src: Tensor, pos: Tensor, level_shapes: list[tuple[int, int]], spatial_shapes: Tensor,
                 level_start_index: Tensor, ratios: Tensor, padding_mask: Tensor) -> Tensor:
-        """shapes: the (H_l, W_l) of spatial_shapes as Python ints, so no device-to-host copy is needed."""
-        reference_points = encoder_reference_points(shapes, ratios)  # (B, S, L, 2)
+        """level_shapes: the (H_l, W_l) of spatial_shapes as Python ints, so no device-to-host copy is needed."""
+        reference_points = encoder_reference_points(level_shapes, ratios)  # (B, S, L, 2)
         for layer in self.layers:
             src = run_layer(layer, self.checkpointing, src, pos, reference_points, spatial_shapes,
                             level_start_index, padding_mask)
@@ -243,12 +248,13 @@ class Decoder(nn.Module):
                 self_attn_mask: Tensor | None, box_head: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         """query (B, Q, C) content queries; anchors (B, Q, 4) boxes in [0, 1], not requiring grad.
 
-        Returns the normed hidden states of every layer, [(B, Q, C)] * n_layers, and the anchors every
-        layer started from, [(B, Q, 4)] * n_layers, where the anchors of layer i > 0 are layer i-1's
-        refined boxes *with* their gradient: the loss of layer i then also trains the box prediction of
-        layer i-1, "look forward twice" (Sec. 3.5). The next layer itself starts from the detached boxes.
+        Returns the normed hidden states of every layer, [(B, Q, C)] * n_layers, and the boxes that each
+        layer's predicted boxes refine, [(B, Q, 4)] * n_layers: `look_forward_twice`. For layer i > 0
+        these are layer i-1's refined boxes *with* their gradient, so the loss of layer i also trains the
+        box prediction of layer i-1: "look forward twice" (Sec. 3.5). The next layer itself starts from
+        the detached boxes ("look forward once", Deformable DETR).
         """
-        hidden_states, references = [], [anchors]
+        hidden_states, look_forward_twice = [], [anchors]
         ratios4 = torch.cat([ratios, ratios], -1)[:, None]  # (B, 1, L, 4)
         for layer in self.layers:
             reference_boxes = anchors[:, :, None] * ratios4  # (B, Q, L, 4) in each padded map's units
@@ -259,9 +265,9 @@ class Decoder(nn.Module):
             # official DINO: the refinement reads the layer's output before the shared final norm
             refined = (box_head(query) + inverse_sigmoid(anchors)).sigmoid()
             hidden_states.append(self.norm(query))
-            references.append(refined)
+            look_forward_twice.append(refined)  # kept with its gradient for the next layer's boxes
             anchors = refined.detach()
-        return hidden_states, references[:-1]
+        return hidden_states, look_forward_twice[:-1]
 
 
 # --- the detector ---------------------------------------------------------------------------------------
@@ -320,7 +326,7 @@ class DINO(nn.Module):
         masks = [F.interpolate(mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0] for s in srcs]
         return srcs, masks
 
-    def mixed_query_selection(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]]):
+    def mixed_query_selection(self, memory: Tensor, padding_mask: Tensor, level_shapes: list[tuple[int, int]]):
         """memory (B, S, C) -> content queries (B, Q, C), anchors (B, Q, 4) in inverse-sigmoid space,
         detached, and the encoder's outputs for the selected tokens (the "interm" predictions)."""
         B, S, _ = memory.shape
@@ -328,7 +334,7 @@ class DINO(nn.Module):
         if S < Q:
             raise ValueError(f"the image gives {S} encoder tokens, fewer than num_queries={Q}: "
                              f"use larger images or fewer queries")
-        memory, proposals = encoder_proposals(memory, padding_mask, spatial_shapes)
+        memory, proposals = encoder_proposals(memory, padding_mask, level_shapes)
         memory = self.enc_output_norm(self.enc_output(memory))
         logits = self.enc_class_head(memory)  # (B, S, K)
         boxes_unsig = self.enc_box_head(memory) + proposals  # (B, S, 4), refined proposals
@@ -351,22 +357,22 @@ class DINO(nn.Module):
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
         srcs, masks = self.multi_scale_features(images, mask)
-        return self.detect(srcs, masks, targets)
+        return self.detect_from_features(srcs, masks, targets)
 
-    def detect(self, srcs: list[Tensor], masks: list[Tensor], targets: list[dict] | None = None) -> dict:
+    def detect_from_features(self, srcs: list[Tensor], masks: list[Tensor], targets: list[dict] | None = None) -> dict:
         """The transformer and the heads on L feature maps srcs[l] (B, C, H_l, W_l), masks[l] (B, H_l, W_l)."""
         C = self.cfg.hidden_dim
-        shapes = [tuple(s.shape[-2:]) for s in srcs]
+        level_shapes = [tuple(s.shape[-2:]) for s in srcs]
         layout = level_layout if torch.compiler.is_compiling() else cached_level_layout
-        spatial_shapes, level_start_index = layout(tuple(shapes), srcs[0].device)  # (L, 2), (L,)
+        spatial_shapes, level_start_index = layout(tuple(level_shapes), srcs[0].device)  # (L, 2), (L,)
         pos = [sine_position_embedding(m, C // 2, self.cfg.pe_temperature).to(s.dtype) for m, s in zip(masks, srcs)]
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl] for lvl, p in enumerate(pos)], 1)
         padding_mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
 
-        memory = self.encoder(src, pos, shapes, spatial_shapes, level_start_index, ratios, padding_mask)
-        content, anchors_unsig, interm = self.mixed_query_selection(memory, padding_mask, shapes)
+        memory = self.encoder(src, pos, level_shapes, spatial_shapes, level_start_index, ratios, padding_mask)
+        content, anchors_unsig, interm = self.mixed_query_selection(memory, padding_mask, level_shapes)
 
         dn = None
         if self.training and targets is not None and self.cfg.dn_number > 0:
@@ -375,17 +381,17 @@ class DINO(nn.Module):
         if dn is not None:
             content = torch.cat([dn.content, content], 1)
             anchors_unsig = torch.cat([inverse_sigmoid(dn.boxes), anchors_unsig], 1)
-        hidden_states, references = self.decoder(
+        hidden_states, look_forward_twice = self.decoder(
             content, anchors_unsig.sigmoid(), memory, spatial_shapes, level_start_index, ratios, padding_mask,
             dn.attn_mask if dn is not None else None, self.box_head)
 
         logits = [self.class_head(h) for h in hidden_states]
-        boxes = [(self.box_head(h) + inverse_sigmoid(ref)).sigmoid() for h, ref in zip(hidden_states, references)]
-        D = dn.content.shape[1] if dn is not None else 0
-        out = _layer_outputs([l[:, D:] for l in logits], [b[:, D:] for b in boxes])
+        boxes = [(self.box_head(h) + inverse_sigmoid(ref)).sigmoid() for h, ref in zip(hidden_states, look_forward_twice)]
+        num_dn = dn.content.shape[1] if dn is not None else 0  # the DN queries come first
+        out = _layer_outputs([l[:, num_dn:] for l in logits], [b[:, num_dn:] for b in boxes])
         out["interm_outputs"] = interm
         if dn is not None:
-            out["dn_outputs"] = _layer_outputs([l[:, :D] for l in logits], [b[:, :D] for b in boxes])
+            out["dn_outputs"] = _layer_outputs([l[:, :num_dn] for l in logits], [b[:, :num_dn] for b in boxes])
             out["dn_queries"] = dn
         return out
 

@@ -36,7 +36,7 @@ def main():
             start = time.perf_counter()
             srcs, masks = model.multi_scale_features(images, mask)
             mid = time.perf_counter()
-            postprocess(model.detect(srcs, masks), [(H, W)])
+            postprocess(model.detect_from_features(srcs, masks), [(H, W)])
             end = time.perf_counter()
             if run:  # the first run warms up
                 totals.append(end - start)

@@ -85,8 +85,9 @@ def _kernel_covers(value: Tensor) -> bool:
     """The kernel's group of threads per head, D / V, must be a power of two of at most 32."""
     D = value.shape[-1]
     V = _vector_width(value.dtype)
-    G = D // V if D % V == 0 else D
-    return value.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) and G <= 32 and G & (G - 1) == 0
+    threads_per_head = D // V if D % V == 0 else D
+    return (value.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) and threads_per_head <= 32
+            and threads_per_head & (threads_per_head - 1) == 0)
 
 
 def _check(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
@@ -122,13 +123,13 @@ def _check_layout(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
         seen = _checked_metadata.get(id(spatial_shapes))
         if seen is not None and seen[0]() is spatial_shapes and seen[1] == checked:
             return
-    shapes = spatial_shapes.tolist()
-    starts = [0] + list(torch.tensor([h * w for h, w in shapes]).cumsum(0).tolist())
-    if level_start_index.tolist() != starts[:-1]:
+    shapes = spatial_shapes.cpu()
+    starts = level_start_index_of(shapes).tolist()
+    if level_start_index.tolist() != starts:
         raise ValueError(f"level_start_index {level_start_index.tolist()} does not match spatial_shapes "
-                         f"{shapes} (expected {starts[:-1]})")
-    if starts[-1] != S:
-        raise ValueError(f"spatial_shapes {shapes} hold {starts[-1]} tokens but value has S = {S}")
+                         f"{shapes.tolist()} (expected {starts})")
+    if int(shapes.prod(1).sum()) != S:
+        raise ValueError(f"spatial_shapes {shapes.tolist()} hold {int(shapes.prod(1).sum())} tokens but value has S = {S}")
     if not cacheable:
         return
     if len(_checked_metadata) > 256:  # entries of freed tensors

@@ -22,12 +22,12 @@
 //   d sample/d py = (1-fx)(v10 - v00) + fx (v11 - v01),  d py/dy = H
 //   dL/dx_lp      = a_lp W sum_d g[d] d sample/d px,  dL/dy_lp = a_lp H sum_d g[d] d sample/d py
 //
-// Work split: a "group" of G = D / V threads owns one (b, q, m); each thread owns V consecutive channels,
-// read and written as one 16-byte vector (V = 4 floats, 8 halves, 2 doubles), so a group reads a whole
-// value row of the head at once, coalesced. Reductions over the channels (the gradients of the
-// locations and weights) are warp shuffles inside the group: G is a power of two that divides 32, and
-// each (b, q, m, l, p) result has exactly one writer, so only grad_value needs atomics. grad_value
-// for half types accumulates in a float32 buffer.
+// Work split: a group of threads_per_head = D / V threads owns one (b, q, m); each thread owns V
+// consecutive channels, read and written as one 16-byte vector (V = 4 floats, 8 halves, 2 doubles), so a
+// group reads a whole value row of the head at once, coalesced. Reductions over the channels (the
+// gradients of the locations and weights) are warp shuffles inside the group: threads_per_head is a power
+// of two dividing 32, and each (b, q, m, l, p) result has exactly one writer, so only grad_value needs
+// atomics. grad_value for half types accumulates in a float32 buffer.
 //
 // Built with -DMSDA_EMULATE, this file is plain C++ and its kernels run on the CPU under
 // tests/cuda_emulation.h: that is how the tests check the kernels on machines without a GPU.
@@ -82,8 +82,8 @@ __device__ __forceinline__ void atomic_add(grad_t* p, const acc_t (&in)[V], acc_
 }
 
 template <typename acc_t>
-__device__ __forceinline__ acc_t group_sum(acc_t x, int G) {
-  for (int offset = G / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+__device__ __forceinline__ acc_t group_sum(acc_t x, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;
 }
 
@@ -114,13 +114,13 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value, const int64_t
                                const int64_t* __restrict__ level_start_index, const coord_t* __restrict__ locations,
                                const coord_t* __restrict__ weights, scalar_t* __restrict__ out, Dims d) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int G = d.D / V;
+  const int threads_per_head = d.D / V;
   const int64_t thread = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t group = thread / G;  // (b * Q + q) * M + m
+  const int64_t group = thread / threads_per_head;  // (b * Q + q) * M + m
   if (group >= d.groups) return;
   const int m = group % d.M;
   const int64_t b = group / d.M / d.Q;
-  const int c = (thread % G) * V;
+  const int c = (thread % threads_per_head) * V;
   const int64_t row = static_cast<int64_t>(d.M) * d.D;  // one token's channels, all heads
   const scalar_t* value_bm = value + b * d.S * row + m * d.D + c;
   const coord_t* loc = locations + group * d.L * d.P * 2;
@@ -158,15 +158,15 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value, const int64_
                                 grad_t* __restrict__ grad_value, coord_t* __restrict__ grad_locations,
                                 coord_t* __restrict__ grad_weights, Dims d) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int G = d.D / V;
+  const int threads_per_head = d.D / V;
   const int64_t thread = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t group = thread / G;
+  const int64_t group = thread / threads_per_head;
   // threads past the end stay to the end with nothing to do: the group shuffles need every lane of the warp
   const bool active = group < d.groups;
   const int64_t g = active ? group : 0;
   const int m = g % d.M;
   const int64_t b = g / d.M / d.Q;
-  const int c = (thread % G) * V;
+  const int c = (thread % threads_per_head) * V;
   const bool writer = c == 0;
   const int64_t row = static_cast<int64_t>(d.M) * d.D;
   const scalar_t* value_bm = value + b * d.S * row + m * d.D + c;
@@ -208,9 +208,9 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value, const int64_
           dot_dy += go[i] * ((1 - s.fx) * (v[2][i] - v[0][i]) + s.fx * (v[3][i] - v[1][i]));
         }
       }
-      dot_sample = group_sum(dot_sample, G);
-      dot_dx = group_sum(dot_dx, G);
-      dot_dy = group_sum(dot_dy, G);
+      dot_sample = group_sum(dot_sample, threads_per_head);
+      dot_dx = group_sum(dot_dx, threads_per_head);
+      dot_dy = group_sum(dot_dy, threads_per_head);
       if (active && writer) {
         grad_weights[g * d.L * d.P + k] = static_cast<coord_t>(dot_sample);
         grad_locations[(g * d.L * d.P + k) * 2] = static_cast<coord_t>(a * W * dot_dx);
@@ -248,8 +248,8 @@ int vector_width(int D, const void* ptr) {
   const int V = 16 / static_cast<int>(sizeof(scalar_t));
   const bool aligned = reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
   const int width = (aligned && D % V == 0) ? V : 1;
-  const int G = D / width;
-  TORCH_CHECK(G <= 32 && (G & (G - 1)) == 0, "ms_deform_attn: the kernel needs D / ", width, " = ", G,
+  const int threads_per_head = D / width;
+  TORCH_CHECK(threads_per_head <= 32 && (threads_per_head & (threads_per_head - 1)) == 0, "ms_deform_attn: the kernel needs D / ", width, " = ", threads_per_head,
               " threads per head to be a power of two of at most 32 (D = ", D, ")");
   return width;
 }

@@ -15,9 +15,9 @@ __global__ void number_threads(int* out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = 1000 * blockIdx.x + threadIdx.x;
 }
 
-__global__ void group_sums(float* out, int G) {  // the butterfly the MSDA backward uses
+__global__ void group_sums(float* out, int lanes) {  // the butterfly the MSDA backward uses
   float x = threadIdx.x;
-  for (int offset = G / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  for (int offset = lanes / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   out[threadIdx.x] = x;
 }
 

@@ -49,7 +49,7 @@ def test_padded_image_gives_the_same_detections_as_alone():
     image = torch.randn(1, 3, 96, 128, dtype=torch.float64)
     with torch.no_grad():
         srcs, masks = model.multi_scale_features(image, torch.zeros(1, 96, 128, dtype=torch.bool))
-        alone = model.detect(srcs, masks)
+        alone = model.detect_from_features(srcs, masks)
         padded_srcs, padded_masks = [], []
         for s in srcs:
             H, W = s.shape[-2:]
@@ -60,7 +60,7 @@ def test_padded_image_gives_the_same_detections_as_alone():
             big_mask[1] = False
             padded_srcs.append(big)
             padded_masks.append(big_mask)
-        padded = model.detect(padded_srcs, padded_masks)
+        padded = model.detect_from_features(padded_srcs, padded_masks)
     for key in ("pred_logits", "pred_boxes"):  # encoder and query selection: exact up to float32 positions
         torch.testing.assert_close(padded["interm_outputs"][key][:1], alone["interm_outputs"][key],
                                    rtol=1e-6, atol=1e-6)
@@ -93,9 +93,9 @@ def test_look_forward_twice_trains_the_previous_layers_box_prediction():
     itself starts from them detached."""
     model = tiny_dino(dec_layers=3).train()
     captured = {}
-    model.decoder.register_forward_hook(lambda module, args, output: captured.update(references=output[1]))
+    model.decoder.register_forward_hook(lambda module, args, output: captured.update(look_forward_twice=output[1]))
     model(torch.randn(1, 3, 96, 128))
-    first, *later = captured["references"]
+    first, *later = captured["look_forward_twice"]
     assert not first.requires_grad  # the selected anchors are detached (Sec. 3.4)
     assert all(r.requires_grad for r in later)
     grad = torch.autograd.grad(later[0].sum(), model.box_head.layers[2].bias)[0]
