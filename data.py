@@ -271,3 +271,13 @@ def coco_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
     """(image folder, annotation file) of `split` ("train" or "val") in the COCO 2017 layout."""
     data_dir = Path(data_dir)
     return data_dir / f"{split}2017", data_dir / "annotations" / f"instances_{split}2017.json"
+
+
+def split_paths(split: str, data_dir: str | None, images: str | None, ann_file: str | None) -> tuple[Path, Path] | None:
+    """(image folder, annotation file) of `split`: from a COCO-layout folder (--data), else from
+    --{split}-images and --{split}-json; None when neither is given."""
+    if data_dir:
+        return coco_paths(data_dir, split)
+    if images and ann_file:
+        return Path(images), Path(ann_file)
+    return None

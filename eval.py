@@ -24,7 +24,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from checkpoints import model_from_checkpoint
 from config import Config
-from data import CocoDetection, coco_paths, collate, eval_canvas, make_transforms, read_image
+from data import CocoDetection, collate, eval_canvas, make_transforms, read_image, split_paths
 from model import postprocess
 from precision import amp_autocast, at_least_float32
 
@@ -228,12 +228,10 @@ def main():
             print(f"  drawn in {out}")
         return
 
-    if args.data:
-        images_dir, ann_file = coco_paths(args.data, "val")
-    elif args.val_images and args.val_json:
-        images_dir, ann_file = args.val_images, args.val_json
-    else:
+    paths = split_paths("val", args.data, args.val_images, args.val_json)
+    if paths is None:
         parser.error("give --data DIR, or --val-images and --val-json, or --image FILE...")
+    images_dir, ann_file = paths
     dataset = CocoDetection(images_dir, ann_file, make_transforms(train=False, scale=cfg.scale))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                          collate_fn=functools.partial(collate, canvas=canvas))

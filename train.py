@@ -14,7 +14,6 @@ checkpoint.pth with the optimiser, schedule, epoch and random state, giving the 
 run that never stopped.
 """
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -28,10 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from checkpoints import load_pretrained, load_pretrained_backbone, read_checkpoint
 from config import Config, make_config
-from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
+from data import CocoDetection, collate, make_shapes_dataset, make_transforms, split_paths
 from eval import evaluate, format_metrics, save_pictures
 from losses import Criterion
 from model import DINO, build_dino
@@ -47,19 +47,15 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class EMA:
-    """Exponential moving average of the weights: ema = decay * ema + (1 - decay) * weights."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.model, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module):
-        for ema, current in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if ema.is_floating_point():
-                ema.lerp_(current, 1 - self.decay)
-            else:
-                ema.copy_(current)
+def make_ema(model: DINO, decay: float) -> AveragedModel:
+    """Exponential moving average of the weights, ema = decay * ema + (1 - decay) * weights after every
+    step: torch's AveragedModel, one foreach lerp over all parameters; ema.module is the averaged DINO.
+    It starts from the model's initial weights (n_averaged = 1: AveragedModel would otherwise take the
+    first step's weights as they are). Buffers are copied, never averaged: frozen batch-norm statistics
+    do not change, and Swin's integer position indices must not."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+    ema.n_averaged.fill_(1)
+    return ema.requires_grad_(False)
 
 
 def save_atomically(obj, path: Path):
@@ -119,7 +115,7 @@ def make_grad_scaler(device: torch.device, cfg: Config) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16)
 
 
-def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int, device, ema: EMA | None,
+def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int, device, ema: AveragedModel | None,
                     scaler: torch.amp.GradScaler, is_main: bool) -> dict:
     """One pass over the data with train_step. Returns the epoch's mean of every (unweighted) loss term."""
     model.train()
@@ -134,7 +130,7 @@ def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e} at epoch {epoch}, iteration {it}") from None
         if ema is not None:
-            ema.update(model.module if isinstance(model, DistributedDataParallel) else model)
+            ema.update_parameters(model.module if isinstance(model, DistributedDataParallel) else model)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.detach()
             counts[name] = counts.get(name, 0) + 1
@@ -220,11 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
             dist.barrier()
         given = {**DEMO, **given}
         args.data = str(data_dir)
-    if args.data:
-        train_paths, val_paths = coco_paths(args.data, "train"), coco_paths(args.data, "val")
-    elif args.train_images and args.train_json and args.val_images and args.val_json:
-        train_paths, val_paths = (args.train_images, args.train_json), (args.val_images, args.val_json)
-    else:
+    train_paths, val_paths = (split_paths(split, args.data, getattr(args, f"{split}_images"),
+                                          getattr(args, f"{split}_json")) for split in ("train", "val"))
+    if train_paths is None or val_paths is None:
         parser.error("give --data DIR (COCO layout), or --train-images/--train-json/--val-images/--val-json, or --demo")
 
     checkpoint_path = output_dir / "checkpoint.pth"
@@ -250,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         load_pretrained(model, args.pretrained, log)
     if args.pretrained_backbone and resumed is None:
         load_pretrained_backbone(model, args.pretrained_backbone, log)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema else None
+    ema = make_ema(model, cfg.ema_decay) if cfg.ema else None
+    evaluated = ema.module if ema is not None else model  # the weights that are evaluated and drawn
     criterion = Criterion(cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_at_epoch(cfg, epoch))
@@ -262,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         scheduler.load_state_dict(resumed["lr_scheduler"])
         scaler.load_state_dict(resumed["scaler"])
         if ema is not None and resumed.get("ema") is not None:
-            ema.model.load_state_dict(resumed["ema"])
+            ema.module.load_state_dict(resumed["ema"])
         start_epoch, best_ap = resumed["epoch"] + 1, resumed["best_ap"]
         set_rng_state(resumed["rng"][rank] if rank < len(resumed["rng"]) else resumed["rng"][0])
         log(f"resumed from {checkpoint_path} at epoch {start_epoch}")
@@ -300,7 +295,6 @@ def main(argv: list[str] | None = None) -> dict:
         record = {"epoch": epoch, "train": losses, "lr": optimizer.param_groups[0]["lr"]}  # this epoch's
         scheduler.step()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            evaluated = ema.model if ema is not None else model
             metrics = evaluate(evaluated, loader(val_set, False), device, cfg.num_select, cfg.amp)
             if is_main:
                 log(format_metrics(metrics))
@@ -312,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             rng = [rng_state()]
         if is_main:
-            checkpoint = {"model": model.state_dict(), "ema": ema.model.state_dict() if ema is not None else None,
+            checkpoint = {"model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                           "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
                           "scaler": scaler.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg),
                           "categories": categories, "rng": rng, "best_ap": best_ap}
@@ -324,8 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
             with open(output_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
     if is_main and args.demo:
-        final_model = ema.model if ema is not None else model
-        saved = save_pictures(final_model, cfg, val_set, 8, 0.3, output_dir / "vis", device, cfg.amp)
+        saved = save_pictures(evaluated, cfg, val_set, 8, 0.3, output_dir / "vis", device, cfg.amp)
         log(f"demo: AP50 {metrics.get('AP50', 0.0):.3f}, AP {metrics.get('AP', 0.0):.3f} on the generated validation "
             f"split; pictures of the detections in {saved[0].parent}")
     if distributed:

@@ -19,8 +19,10 @@ def test_focal_l1_and_giou_terms_by_hand():
     # focal: -log(0.5) * (1 - 0.5)^2, weighted 0.25 for the positive and 0.75 for the negative
     torch.testing.assert_close(terms["loss_ce"], torch.tensor((0.25 + 0.75) * 0.25 * math.log(2), dtype=torch.float64))
     torch.testing.assert_close(terms["loss_bbox"], torch.tensor(0.1 + 0.2, dtype=torch.float64))
-    # x1y1x2y2 (.4,.4,.6,.6) vs (.5,.3,.7,.7): IoU .02/.10 = .2, enclosing .12, GIoU = .2 - .02/.12
-    torch.testing.assert_close(terms["loss_giou"], torch.tensor(1 - (0.2 - 0.02 / 0.12), dtype=torch.float64))
+    # x1y1x2y2 (.4,.4,.6,.6) vs (.5,.3,.7,.7): intersection .02, union .10, enclosing .12, and official
+    # DINO's 1e-6 in both denominators: GIoU = .02 / (.10 + 1e-6) - (.12 - .10) / (.12 + 1e-6)
+    giou = 0.02 / (0.10 + 1e-6) - 0.02 / (0.12 + 1e-6)
+    torch.testing.assert_close(terms["loss_giou"], torch.tensor(1 - giou, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     halved = set_loss(logits, boxes, targets, indices, num_boxes=2.0)
     torch.testing.assert_close(halved["loss_bbox"], terms["loss_bbox"] / 2)
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import train
-from data import make_shapes_dataset
 from checkpoints import read_checkpoint
+from conftest import tiny_dino
+from data import make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "r18", "--hidden-dim", "64", "--nheads", "2", "--enc-layers", "1", "--dec-layers", "2",
@@ -193,3 +194,17 @@ def test_a_training_step_reads_back_from_the_device_only_twice(monkeypatch):
     assert sorted(reads) == [("matcher.py", "hungarian_match_sets", "cpu"),
                              ("matcher.py", "hungarian_match_sets", "numpy"),  # of the host copy
                              ("train.py", "train_step", "item")]
+
+
+def test_ema_starts_from_the_initial_weights_and_moves_by_one_minus_decay():
+    """decay 0.9, not 0.5: swapping the weights of the average would show."""
+    model = tiny_dino()
+    ema = train.make_ema(model, decay=0.9)
+    initial = model.level_embed.detach().clone()
+    with torch.no_grad():
+        model.level_embed.add_(1.0)
+        model.backbone.body.bn1.running_mean.add_(3.0)  # a buffer: copied, not averaged
+    ema.update_parameters(model)
+    torch.testing.assert_close(ema.module.level_embed, 0.9 * initial + 0.1 * model.level_embed)
+    assert torch.equal(ema.module.backbone.body.bn1.running_mean, model.backbone.body.bn1.running_mean)
+    assert not any(p.requires_grad for p in ema.parameters())
