@@ -162,7 +162,9 @@ class CocoDetection(torch.utils.data.Dataset):
         sample["boxes"] = TF.clamp_bounding_boxes(sample["boxes"])
         sample = self.transforms(sample)
         image, boxes = sample["image"], sample["boxes"]
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # degenerate or cropped away
+        # drop boxes cropped away or degenerate, as official DINO: any positive width and height stays.
+        # (v2.SanitizeBoundingBoxes would also drop boxes under one pixel, and its min_size cannot go lower)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         h, w = image.shape[-2:]
         target = {"labels": sample["labels"][keep],
                   "boxes": box_convert(boxes[keep].as_subclass(Tensor), "xyxy", "cxcywh") / torch.tensor([w, h, w, h]),
