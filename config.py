@@ -1,7 +1,8 @@
 """Every hyperparameter, with the seed's values as defaults (official DINO's config/DINO/DINO_4scale.py).
 
 `build_dino(**overrides)`, `build_criterion(**overrides)` and train.py's flags all come from these
-fields, so each default lives here and nowhere else.
+fields, and the matcher's and the losses' keyword defaults point at them (`Config.set_cost_class`...):
+each default lives here and nowhere else.
 """
 from dataclasses import dataclass, fields
 
@@ -28,7 +29,9 @@ class Config:
     encoder_checkpointing: bool = False    # per encoder layer
     decoder_checkpointing: bool = False    # per decoder layer
     # contrastive denoising (Sec. 3.3)
-    dn_number: int = 100                # DN queries per image: groups = dn_number // (largest object count)
+    dn_number: int = 100                # positive DN queries per image, about: max(1, dn_number // G_max) groups
+                                        # of G_max positives and G_max negatives, so 2 * max(dn_number, G_max)
+                                        # DN queries at most (denoising.py)
     dn_box_noise_scale: float = 0.4     # lambda_1; negatives get noise in [lambda_1, 2 * lambda_1)
     dn_label_noise_ratio: float = 0.5   # a DN label is flipped with probability dn_label_noise_ratio / 2
     # Hungarian matching (DETR arXiv 2005.12872v3 Sec. 3.1) and the loss (DINO Sec. 4.1: focal, L1, GIoU)

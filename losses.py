@@ -29,7 +29,8 @@ from precision import at_least_float32
 
 
 def set_loss(logits: Tensor, boxes_cxcywh: Tensor, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
-             num_boxes: float | Tensor, alpha: float = 0.25, gamma: float = 2.0) -> dict[str, Tensor]:
+             num_boxes: float | Tensor, alpha: float = Config.focal_alpha,
+             gamma: float = Config.focal_gamma) -> dict[str, Tensor]:
     """logits (B, Q, K), boxes_cxcywh (B, Q, 4); indices per image (query_idx, target_idx).
     Returns the unweighted terms {"loss_ce", "loss_bbox", "loss_giou"}, computed in float32 at least."""
     logits, boxes_cxcywh = at_least_float32(logits), at_least_float32(boxes_cxcywh)  # precision.py
@@ -89,6 +90,6 @@ class Criterion:
         return terms
 
 
-def build_criterion(num_classes: int = 91, **overrides) -> Criterion:
+def build_criterion(**overrides) -> Criterion:
     """overrides: Config fields (set_cost_*, *_loss_coef, focal_alpha, focal_gamma)."""
-    return Criterion(make_config(num_classes=num_classes, **overrides))
+    return Criterion(make_config(**overrides))

@@ -13,12 +13,14 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou
 
+from config import Config
 from precision import at_least_float32
 
 
 def matching_cost(logits: Tensor, boxes_cxcywh: Tensor, target_labels: Tensor, target_boxes_cxcywh: Tensor,
-                  cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                  alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+                  cost_class: float = Config.set_cost_class, cost_bbox: float = Config.set_cost_bbox,
+                  cost_giou: float = Config.set_cost_giou, alpha: float = Config.focal_alpha,
+                  gamma: float = Config.focal_gamma) -> Tensor:
     """logits (Q, K), boxes_cxcywh (Q, 4); target_labels (G,), target_boxes_cxcywh (G, 4). Returns (Q, G)."""
     logits, boxes_cxcywh = at_least_float32(logits), at_least_float32(boxes_cxcywh)  # precision.py
     probs = logits.sigmoid()[:, target_labels]  # (Q, G)
@@ -33,8 +35,9 @@ def matching_cost(logits: Tensor, boxes_cxcywh: Tensor, target_labels: Tensor, t
 
 @torch.no_grad()
 def hungarian_match(logits: Tensor, boxes_cxcywh: Tensor, targets: list[dict],
-                    cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                    alpha: float = 0.25, gamma: float = 2.0) -> list[tuple[Tensor, Tensor]]:
+                    cost_class: float = Config.set_cost_class, cost_bbox: float = Config.set_cost_bbox,
+                    cost_giou: float = Config.set_cost_giou, alpha: float = Config.focal_alpha,
+                    gamma: float = Config.focal_gamma) -> list[tuple[Tensor, Tensor]]:
     """logits (B, Q, K), boxes_cxcywh (B, Q, 4); targets[b]["labels"] (G_b,), ["boxes"] (G_b, 4).
 
     Returns per image (query_idx, target_idx), int64, min(Q, G_b) pairs, sorted by query, on logits.device.
@@ -44,8 +47,9 @@ def hungarian_match(logits: Tensor, boxes_cxcywh: Tensor, targets: list[dict],
 
 @torch.no_grad()
 def hungarian_match_sets(predictions: list[tuple[Tensor, Tensor]], targets: list[dict],
-                         cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                         alpha: float = 0.25, gamma: float = 2.0) -> list[list[tuple[Tensor, Tensor]]]:
+                         cost_class: float = Config.set_cost_class, cost_bbox: float = Config.set_cost_bbox,
+                         cost_giou: float = Config.set_cost_giou, alpha: float = Config.focal_alpha,
+                         gamma: float = Config.focal_gamma) -> list[list[tuple[Tensor, Tensor]]]:
     """hungarian_match for several sets of predictions of the same images (every decoder layer's, the
     encoder's proposals): predictions[s] = (logits (B, Q_s, K), boxes_cxcywh (B, Q_s, 4)); returns
     hungarian_match's result for each set. The costs go to the CPU in one transfer and the

@@ -35,7 +35,8 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 # --- helpers: positions, boxes --------------------------------------------------------------------
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
-    """logit(x), with x clamped to [eps, 1 - eps] (official DINO's eps: 1e-3)."""
+    """log(x / (1 - x)) with x clamped to [0, 1] and then the numerator and the denominator each clamped
+    to at least eps, as official DINO (eps 1e-3): the result lies in [log(eps), -log(eps)]."""
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 

@@ -24,7 +24,7 @@ def test_small_dino_overfits_one_image():
     image, target, boxes_xyxy = three_rectangles()
     model = build_dino("r18", num_classes=3, hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2,
                        dim_feedforward=128, num_queries=20, dn_number=20)
-    criterion = build_criterion(3)
+    criterion = build_criterion()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not n.startswith("backbone")], "lr": 1e-3},
                                    {"params": [p for n, p in named if n.startswith("backbone")], "lr": 1e-4}],

@@ -54,19 +54,19 @@ TARGETS = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.4, 0.5, 0.
 def test_every_term_is_there_and_weighted():
     torch.manual_seed(0)
     out = assemble(random_leaves(layers=3), layers=3)
-    terms = build_criterion(3)(out, TARGETS)
+    terms = build_criterion()(out, TARGETS)
     suffixes = ["", "_0", "_1", "_interm", "_dn", "_dn_0", "_dn_1"]
     assert set(terms) == {f"loss_{t}{s}" for t in ("ce", "bbox", "giou") for s in suffixes} | {"loss"}
     expected = sum(w * terms[f"loss_{t}{s}"] for t, w in (("ce", 1.0), ("bbox", 5.0), ("giou", 2.0)) for s in suffixes)
     torch.testing.assert_close(terms["loss"], expected)
-    reweighted = build_criterion(3, bbox_loss_coef=0.0, giou_loss_coef=0.0)(out, TARGETS)
+    reweighted = build_criterion(bbox_loss_coef=0.0, giou_loss_coef=0.0)(out, TARGETS)
     torch.testing.assert_close(reweighted["loss"], sum(terms[f"loss_ce{s}"] for s in suffixes))
 
 
 def test_denoising_terms_use_the_known_assignment():
     torch.manual_seed(0)
     out = assemble(random_leaves(D=6, layers=1), layers=1)  # 2 groups of 3: image 0's objects at slots 0,1 and 3,4
-    terms = build_criterion(3)(out, TARGETS)
+    terms = build_criterion()(out, TARGETS)
     dn = out["dn_outputs"]
     src = dn["pred_boxes"][0, [0, 1, 3, 4]]
     tgt = TARGETS[0]["boxes"].repeat(2, 1)
@@ -76,7 +76,7 @@ def test_denoising_terms_use_the_known_assignment():
 
 def test_total_loss_gradcheck():
     torch.manual_seed(0)
-    criterion = build_criterion(3)
+    criterion = build_criterion()
     leaves = random_leaves(B=2, Q=4, D=4, layers=2)
     assert torch.autograd.gradcheck(lambda *t: criterion(assemble(t), TARGETS)["loss"], tuple(leaves))
 
@@ -87,7 +87,7 @@ def test_images_without_objects_push_all_scores_down():
     out = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": [],
            "interm_outputs": {"pred_logits": logits, "pred_boxes": boxes}}
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4, dtype=torch.float64)}] * 2
-    terms = build_criterion(3)(out, empty)
+    terms = build_criterion()(out, empty)
     assert terms["loss_bbox"] == 0 and terms["loss_giou"] == 0 and terms["loss_ce"] > 0
     terms["loss"].backward()
     assert (logits.grad > 0).all()  # gradient descent lowers every logit
@@ -95,7 +95,7 @@ def test_images_without_objects_push_all_scores_down():
 
 def test_a_model_trains_on_a_batch_with_and_without_objects():
     from conftest import tiny_dino
-    model, criterion = tiny_dino(num_classes=3).train(), build_criterion(3)
+    model, criterion = tiny_dino(num_classes=3).train(), build_criterion()
     empty = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
     for targets in ([empty, empty], [TARGETS[0], empty]):
         targets = [{k: v.float() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
@@ -115,7 +115,7 @@ def _distributed_num_boxes(rank, world_size, port, results):
         boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.2]]]).repeat(1, n, 1)
         out = {"pred_logits": torch.zeros(1, n, 1), "pred_boxes": boxes, "aux_outputs": [],
                "interm_outputs": {"pred_logits": torch.zeros(1, n, 1), "pred_boxes": boxes}}
-        results[rank] = build_criterion(1)(out, [target])["loss_bbox"].item()
+        results[rank] = build_criterion()(out, [target])["loss_bbox"].item()
     finally:
         dist.destroy_process_group()
 
@@ -136,7 +136,7 @@ def test_without_denoising_model_and_criterion_still_train():
     targets = [{k: v.float() if v.is_floating_point() else v for k, v in TARGETS[0].items()}]
     out = model(torch.randn(1, 3, 96, 128), targets=targets)
     assert "dn_outputs" not in out
-    terms = build_criterion(3)(out, targets)
+    terms = build_criterion()(out, targets)
     assert not any("_dn" in name for name in terms)
     terms["loss"].backward()
     assert model.class_head.weight.grad is not None
