@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import train
+from conftest import tiny_flags
 from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
 from eval import evaluate
 
@@ -49,9 +50,8 @@ def test_ap_is_one_for_perfect_predictions_and_drops_as_they_degrade(shapes):
 
 
 def test_eval_command_on_a_trained_checkpoint(shapes, tmp_path):
-    train.main(["--data", str(shapes), "--output-dir", str(tmp_path / "run"), "--backbone", "r18", "--hidden-dim", "64",
-                "--nheads", "2", "--enc-layers", "1", "--dec-layers", "1", "--dim-feedforward", "64",
-                "--num-queries", "10", "--scale", "0.1", "--epochs", "1", "--num-workers", "0"])
+    train.main(["--data", str(shapes), "--output-dir", str(tmp_path / "run"), *tiny_flags(), "--scale", "0.1",
+                "--epochs", "1", "--num-workers", "0"])
     image = next((shapes / "val2017").iterdir())
     out = tmp_path / "eval"
     result = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "run" / "checkpoint.pth"),

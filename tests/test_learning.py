@@ -1,8 +1,11 @@
 import torch
 from torchvision.ops import box_convert, box_iou
 
-from losses import build_criterion
-from model import build_dino, postprocess
+import train
+from config import make_config
+from conftest import tiny_dino
+from losses import Criterion
+from model import postprocess
 
 
 def three_rectangles(H=128, W=128):
@@ -22,20 +25,13 @@ def test_small_dino_overfits_one_image():
     """DINO learns: with denoising and the full loss, a small model finds all three objects of one image."""
     torch.manual_seed(0)
     image, target, boxes_xyxy = three_rectangles()
-    model = build_dino("r18", num_classes=3, hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2,
-                       dim_feedforward=128, num_queries=20, dn_number=20)
-    criterion = build_criterion()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not n.startswith("backbone")], "lr": 1e-3},
-                                   {"params": [p for n, p in named if n.startswith("backbone")], "lr": 1e-4}],
-                                  weight_decay=1e-4)
-    model.train()
-    for _ in range(110):
-        loss = criterion(model(image[None], targets=[target]), [target])["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        optimizer.step()
+    overrides = dict(enc_layers=1, num_queries=20, dn_number=20)
+    model = tiny_dino(num_classes=3, **overrides).train()
+    cfg = make_config(**{**model.cfg.__dict__, "lr": 1e-3, "lr_backbone": 1e-4})  # clipping 0.1, as the seed
+    optimizer, scaler = train.build_optimizer(model, cfg), train.make_grad_scaler(image.device, cfg)
+    mask = torch.zeros(1, *image.shape[1:], dtype=torch.bool)
+    for _ in range(110):  # train.py's own step
+        train.train_step(model, Criterion(cfg), optimizer, scaler, image[None], mask, [target], cfg)
     model.eval()
     with torch.no_grad():
         detections = postprocess(model(image[None]), [image.shape[1:]], num_select=3)[0]

@@ -9,8 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import memory_estimate  # noqa: E402
 from memory_estimate import BLOCK, PeakMemory, estimate  # noqa: E402
 
-TINY = dict(backbone="r18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=256,
-            num_queries=30, dn_number=10, amp=True)
+from conftest import TINY  # noqa: E402
+
+TINY = {**TINY, "amp": True}
 
 
 def test_live_memory_counts_each_storage_once_and_frees_it():

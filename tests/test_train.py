@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,13 +10,13 @@ import torch
 
 import train
 from checkpoints import read_checkpoint
-from conftest import tiny_dino
+from config import Config
+from conftest import TINY, tiny_dino, tiny_flags
 from data import make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "r18", "--hidden-dim", "64", "--nheads", "2", "--enc-layers", "1", "--dec-layers", "2",
-        "--dim-feedforward", "64", "--num-queries", "10", "--dn-number", "4", "--scale", "0.1", "--batch-size", "2",
-        "--num-workers", "0", "--lr", "1e-3"]
+# the tiny model, trained fast on small images
+FLAGS = tiny_flags() + ["--scale", "0.1", "--batch-size", "2", "--num-workers", "0", "--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +25,22 @@ def shapes(tmp_path_factory):
 
 
 def run(shapes, output_dir, *extra):
-    return train.main(["--data", str(shapes), "--output-dir", str(output_dir), *TINY, *extra])
+    return train.main(["--data", str(shapes), "--output-dir", str(output_dir), *FLAGS, *extra])
 
 
 def test_every_config_field_is_a_flag():
-    args = train.build_parser().parse_args(["--hidden-dim", "64", "--num-queries", "300", "--amp", "--no-ema",
-                                            "--lr", "5e-5", "--backbone", "swinl"])
-    assert (args.hidden_dim, args.num_queries, args.amp, args.ema, args.lr, args.backbone) == (64, 300, True, False, 5e-5, "swinl")
-    assert not hasattr(train.build_parser().parse_args([]), "hidden_dim")  # unset flags keep the Config default
+    """Each field of Config, with a value other than its default, parsed from its flag; unset flags are absent
+    (they keep the default, or a resumed run's saved value)."""
+    parser = train.build_parser()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            value, argv = not f.default, [flag if not f.default else "--no-" + flag[2:]]
+        else:
+            value = "gelu" if isinstance(f.default, str) else f.default + 3  # not the default, of its type
+            argv = [flag, str(value)]
+        assert getattr(parser.parse_args(argv), f.name) == value, flag
+    assert not any(hasattr(parser.parse_args([]), f.name) for f in dataclasses.fields(Config))
 
 
 def test_two_iteration_training_run_writes_checkpoint_log_and_metrics(shapes, tmp_path):
@@ -78,9 +87,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_pa
 
 
 def test_fine_tuning_from_a_checkpoint_with_other_classes(shapes, tmp_path, capsys):
-    from model import build_dino
-    source = build_dino("r18", num_classes=91, hidden_dim=64, nheads=2, enc_layers=1, dec_layers=2,
-                        dim_feedforward=64, num_queries=10)
+    source = tiny_dino(num_classes=91)
     torch.save({"model": source.state_dict()}, tmp_path / "coco.pth")
     run(shapes, tmp_path / "out", "--epochs", "1", "--pretrained", str(tmp_path / "coco.pth"))
     assert "has 91 classes, this model 4: re-initialised class_head.bias" in capsys.readouterr().out
@@ -100,7 +107,7 @@ def test_distributed_training_with_two_processes(shapes, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(ROOT / "train.py"), "--data", str(shapes), "--output-dir", str(tmp_path),
-                             "--device", "cpu", *TINY, "--epochs", "1"],
+                             "--device", "cpu", *FLAGS, "--epochs", "1"],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
@@ -111,8 +118,7 @@ def test_distributed_training_with_two_processes(shapes, tmp_path):
 def test_train_step_benchmark_runs(tmp_path):
     """bench/train_step.py end to end on a toy configuration (its real figures need a GPU)."""
     common = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--backbone", "r18", "--scale", "0.1",
-              "--iters", "1", "--device", "cpu", "--set", "hidden_dim=64", "num_queries=20", "enc_layers=1",
-              "dec_layers=1", "dim_feedforward=64"]
+              "--iters", "1", "--device", "cpu", "--set", *[f"{k}={v}" for k, v in TINY.items() if k != "backbone"]]
     result = subprocess.run(common + ["--batch-size", "1", "--only", "bf16 + all ckpt"], capture_output=True,
                             text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -131,11 +137,10 @@ def test_a_new_run_never_overwrites_an_earlier_one(shapes, tmp_path):
 
 def tiny_training_step():
     """(train_step's arguments) for a small DINO on two images, one of them padded."""
-    from conftest import TINY, tiny_dino
     from config import make_config
     from losses import Criterion
 
-    cfg = make_config(**{**TINY, "dec_layers": 3, "backbone": "r18", "num_classes": 5})
+    cfg = make_config(**{**TINY, "dec_layers": 3, "num_classes": 5})
     model = tiny_dino(dec_layers=3).train()
     criterion, optimizer = Criterion(cfg), train.build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
