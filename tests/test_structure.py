@@ -1,0 +1,31 @@
+"""The house drawing: each top-level module imports only from the layers below it, so a file can be read
+(and the paper followed) from the bottom up, and nothing in the model reaches for training or checkpoints."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = [  # bottom to top
+    {"config", "precision"},
+    {"msda_cuda"},
+    {"backbone", "deformable_attn", "denoising", "matcher", "data"},
+    {"model", "losses"},
+    {"checkpoints"},
+    {"eval"},
+    {"train"},
+]
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    return {name.split(".")[0] for name in names}
+
+
+def test_imports_run_downwards_only():
+    level = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    sources = {p.stem: p for p in ROOT.glob("*.py")} | {"msda_cuda": ROOT / "msda_cuda" / "__init__.py"}
+    assert set(sources) == set(level), "a new top-level module needs a place in LAYERS"
+    upward = [(name, imported) for name, path in sources.items() for imported in imported_modules(path)
+              if imported in level and level[imported] >= level[name] and imported != name]
+    assert not upward
