@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import stochastic_depth
 
-BACKBONES = ("r50", "swinl", "r18")
+from config import BACKBONES
+
 
 
 def run_layer(layer: nn.Module, checkpointed: bool, *args):

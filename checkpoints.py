@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from backbone import Swin, build_backbone
-from config import Config, make_config
+from config import ARCHITECTURE, Config, make_config
+from data import DataError
 from model import DINO, build_dino
 
 # Official DINO parameter names (IDEA-Research/DINO, as in checkpoint0011_4scale.pth) -> ours. Applied in
@@ -76,11 +77,11 @@ def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor
             unknown.append(name)
             continue
         if new_name in ours and not torch.equal(ours[new_name], tensor):
-            raise ValueError(f"official key {name} is an alias of {new_name} but holds different values: "
+            raise DataError(f"official key {name} is an alias of {new_name} but holds different values: "
                              f"a model without shared decoder heads is not supported")
         ours[new_name] = tensor
     if unknown:
-        raise ValueError(f"official DINO keys with no counterpart here: {unknown[:10]}"
+        raise DataError(f"official DINO keys with no counterpart here: {unknown[:10]}"
                          f"{' ...' if len(unknown) > 10 else ''}")
     return ours
 
@@ -93,26 +94,27 @@ def read_checkpoint(path: str) -> dict:
         except FileNotFoundError:
             raise FileNotFoundError(f"checkpoint {path} does not exist") from None
         except Exception as e:
-            raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e}); if it holds "
+            raise DataError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e}); if it holds "
                              f"objects other than tensors, re-save just its state dict") from e
 
 
-def load_checkpoint(model: DINO, path_or_state_dict, ignore_class_heads: bool = False) -> list[str]:
+def load_checkpoint(model: DINO, path_or_state_dict, ignore_class_heads: bool = False, name: str | None = None) -> list[str]:
     """Load our checkpoints or official DINO release checkpoints into `model`.
 
     Accepts a file path, a `{"model": state_dict, ...}` dict or a bare state dict, with official names
     (mapped by OFFICIAL_NAME_MAP) or ours, optionally prefixed "module." (DistributedDataParallel).
     Strict: a missing, unexpected or differently shaped tensor is an error, except that with
     ignore_class_heads=True the class-specific tensors (CLASS_SPECIFIC) are left as they are, for
-    fine-tuning to another number of classes. Returns the names left at their initial values.
+    fine-tuning to another number of classes. Returns the names left at their initial values. Errors name
+    the file (or `name`, for a checkpoint already read).
     """
     source = path_or_state_dict
-    where = source if isinstance(source, str) else "the given state dict"
+    where = name or (source if isinstance(source, str) else "the given state dict")
     if isinstance(source, str):
         source = read_checkpoint(source)
     state = source.get("model", source) if isinstance(source, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{where} holds no state dict (expected tensors under 'model' or at the top level)")
+        raise DataError(f"{where} holds no state dict (expected tensors under 'model' or at the top level)")
     state = unwrap(state)
     if is_official(state):
         state = convert_official_state_dict(state)
@@ -129,7 +131,7 @@ def load_checkpoint(model: DINO, path_or_state_dict, ignore_class_heads: bool = 
         hint = ""
         if wrong and all(k.startswith(CLASS_SPECIFIC) for k, *_ in wrong):
             hint = " (another number of classes: pass ignore_class_heads=True to fine-tune)"
-        raise ValueError(f"{where} does not fit this model{hint}: missing {missing[:8]}, unexpected "
+        raise DataError(f"{where} does not fit this model{hint}: missing {missing[:8]}, unexpected "
                          f"{unexpected[:8]}, wrong shape (checkpoint, model) {wrong[:8]}")
     model.load_state_dict(state, strict=not ignore_class_heads)
     return kept
@@ -157,7 +159,7 @@ def load_swin_checkpoint(swin: Swin, path_or_state_dict) -> dict[str, list[str]]
     wrong = sorted(k for k in expected & state.keys() if state[k].shape != own[k].shape)
     if missing or unexpected or wrong:
         where = path_or_state_dict if isinstance(path_or_state_dict, str) else "the Swin state dict"
-        raise ValueError(f"{where} does not fit Swin-L (patch 4, window 12): missing {missing[:5]}"
+        raise DataError(f"{where} does not fit Swin-L (patch 4, window 12): missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}, wrong shape "
                          f"{[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}")
@@ -167,13 +169,17 @@ def load_swin_checkpoint(swin: Swin, path_or_state_dict) -> dict[str, list[str]]
 
 # --- what train.py and eval.py load ---------------------------------------------------------------------
 
-def load_pretrained(model: DINO, path: str, log) -> None:
-    """Fine-tune from a checkpoint (ours or official DINO); class-specific heads are re-initialised
-    when the number of classes differs."""
-    checkpoint = read_checkpoint(path)
+def pretrained_architecture(checkpoint: dict) -> dict:
+    """The architecture fields (config.ARCHITECTURE) a checkpoint of ours was trained with; {} for others."""
+    return {k: v for k, v in checkpoint.get("config", {}).items() if k in ARCHITECTURE}
+
+
+def load_pretrained(model: DINO, checkpoint: dict, path: str, log) -> None:
+    """Fine-tune from `checkpoint` (read from `path`; ours or official DINO); class-specific heads are
+    re-initialised when the number of classes differs."""
     classes = num_classes_of(unwrap(checkpoint.get("model", checkpoint)))
     different = classes is not None and classes != model.cfg.num_classes
-    kept = load_checkpoint(model, checkpoint, ignore_class_heads=different)
+    kept = load_checkpoint(model, checkpoint, ignore_class_heads=different, name=path)
     if different:
         log(f"{path} has {classes} classes, this model {model.cfg.num_classes}: "
             f"re-initialised {', '.join(kept)}; loaded everything else")
@@ -186,7 +192,7 @@ def load_pretrained_backbone(model: DINO, spec: str, log) -> None:
     classification checkpoint for swinl, a torchvision ResNet state dict for the ResNets."""
     if spec == "imagenet":
         if model.cfg.backbone == "swinl":
-            raise ValueError("--pretrained-backbone imagenet is for ResNets; Swin-L needs the file "
+            raise DataError("--pretrained-backbone imagenet is for ResNets; Swin-L needs the file "
                              "swin_large_patch4_window12_384_22k.pth")
         pretrained = build_backbone(model.cfg.backbone, pretrained=True)
         model.backbone.load_state_dict(pretrained.state_dict())
@@ -200,7 +206,7 @@ def load_pretrained_backbone(model: DINO, spec: str, log) -> None:
         state = {k: v for k, v in unwrap(state.get("model", state)).items() if not k.startswith("fc.")}
         missing, unexpected = model.backbone.body.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{spec} is not a torchvision ResNet state dict: missing {missing[:5]}, "
+            raise DataError(f"{spec} is not a torchvision ResNet state dict: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         log(f"backbone: {spec}")
 

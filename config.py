@@ -62,13 +62,54 @@ class Config:
     seed: int = 42
 
 
+class ConfigError(ValueError):
+    """A hyperparameter out of its range; the message names its flag."""
+
+
+BACKBONES = ("r50", "swinl", "r18")
+# the fields that make a trained model what it is: fine-tuning from one of our checkpoints takes them from it
+ARCHITECTURE = ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "activation",
+                "num_queries", "enc_n_points", "dec_n_points", "pe_temperature")
+ACTIVATIONS = ("relu", "gelu")
+positive, non_negative = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+at_least_one, fraction = (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+RULES = {  # field -> (valid?, what valid means); every other field takes any value of its type
+    "backbone": (lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
+    "activation": (lambda v: v in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}"),
+    "num_classes": at_least_one, "nheads": at_least_one, "enc_layers": at_least_one, "dec_layers": at_least_one,
+    "hidden_dim": (lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (GroupNorm(32) in the input projections)"),
+    "dim_feedforward": at_least_one, "num_queries": at_least_one, "enc_n_points": at_least_one,
+    "dec_n_points": at_least_one, "num_select": at_least_one, "batch_size": at_least_one, "epochs": at_least_one,
+    "eval_every": at_least_one, "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)"), "pe_temperature": positive, "scale": positive,
+    "lr": positive, "lr_backbone": non_negative, "weight_decay": non_negative, "clip_max_norm": non_negative,
+    "dn_number": non_negative, "dn_box_noise_scale": non_negative, "dn_label_noise_ratio": fraction,
+    "set_cost_class": non_negative, "set_cost_bbox": non_negative, "set_cost_giou": non_negative,
+    "cls_loss_coef": non_negative, "bbox_loss_coef": non_negative, "giou_loss_coef": non_negative,
+    "focal_alpha": fraction, "focal_gamma": non_negative, "lr_drop": non_negative, "ema_decay": fraction,
+    "num_workers": non_negative,
+}
+
+
 def make_config(**overrides) -> Config:
-    """Config with `overrides` applied; an unknown name is an error that lists the valid ones."""
-    names = {f.name for f in fields(Config)}
-    unknown = sorted(set(overrides) - names)
+    """Config with `overrides` applied, every value checked: an unknown name is a TypeError that lists the
+    valid ones, a value of the wrong type or out of its range a ConfigError naming the flag."""
+    names = {f.name: f for f in fields(Config)}
+    unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise TypeError(f"unknown hyperparameter(s) {unknown}; valid names: {sorted(names)}")
-    return Config(**overrides)
+    for name, value in overrides.items():
+        kind = type(names[name].default)
+        if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+                or kind is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(f"--{name.replace('_', '-')} takes a {kind.__name__}, got {value!r}")
+    cfg = Config(**overrides)
+    if cfg.hidden_dim % max(cfg.nheads, 1):
+        raise ConfigError(f"--hidden-dim ({cfg.hidden_dim}) must be divisible by --nheads ({cfg.nheads})")
+    for name, (valid, meaning) in RULES.items():
+        if not valid(getattr(cfg, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {meaning}, got {getattr(cfg, name)!r}")
+    return cfg
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -14,9 +14,11 @@ to the image and empty ones dropped. Images without annotations are kept.
 import contextlib
 import io
 import json
+import math
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from torch import Tensor
@@ -30,10 +32,44 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # --- reading --------------------------------------------------------------------------------------
 
-def load_coco(ann_file: str | Path):
-    """pycocotools' COCO index of `ann_file`, after checking what would otherwise fail late or silently."""
+class DataError(ValueError):
+    """A user's data is wrong: the message names the file, the entry and the field."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _listed(problems: list[str]) -> str:
+    return "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+
+
+def stored_image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as read_image(path, None) gives it, from the file's header alone."""
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)  # EXIF orientations 5..8 turn the image by 90 degrees
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def load_coco(ann_file: str | Path, image_dir: str | Path | None = None, log=print):
+    """pycocotools' COCO index of `ann_file`, checked and repaired first, so that training and evaluation
+    read the same, right annotations or stop before any work.
+
+    Refused, with a DataError naming the file, the entry and the field: ids that are not integers, image,
+    annotation or category ids given twice, annotations of unknown images or categories, boxes that are
+    not four finite numbers, have a negative width or height, or lie entirely outside their image.
+    Repaired, with one line each in `log`: a missing `area` (the box's width x height) or `iscrowd` (0),
+    boxes that reach beyond their image, clipped to it, and empty boxes (zero width or height), dropped.
+    The repairs are made in the index itself, so training targets and the evaluation's ground truth are
+    the same boxes. Images whose width and height the file omits get them from the files in `image_dir`.
+    """
     # imported here, as in eval.coco_metrics: the model, the training step and the benchmarks import this
-    # module but need no annotation files (GPU machines without pycocotools run them)
+    # module but read no annotation files (GPU machines without pycocotools run them)
     from pycocotools.coco import COCO
     ann_file = Path(ann_file)
     try:
@@ -41,23 +77,69 @@ def load_coco(ann_file: str | Path):
     except FileNotFoundError:
         raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"annotation file {ann_file} is not valid JSON: {e}") from None
+        raise DataError(f"{ann_file}: not valid JSON: {e}") from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"annotation file {ann_file} has no list '{key}' (not COCO format)")
-    image_ids = [img["id"] for img in data["images"]]
-    if len(set(image_ids)) != len(image_ids):
-        raise ValueError(f"annotation file {ann_file} lists an image id twice")
-    image_ids, category_ids = set(image_ids), {c["id"] for c in data["categories"]}
+            raise DataError(f"{ann_file}: no list '{key}' (not a COCO-format annotation file)")
+    for key, what in (("images", "image"), ("categories", "category"), ("annotations", "annotation")):
+        seen = set()
+        for entry in data[key]:
+            if not (isinstance(entry, dict) and _is_int(entry.get("id"))):
+                raise DataError(f"{ann_file}: {what} {entry.get('id') if isinstance(entry, dict) else entry!r} in "
+                                f"'{key}' has no integer 'id'")
+            if entry["id"] in seen:
+                raise DataError(f"{ann_file}: {what} id {entry['id']} appears twice in '{key}' (ids must be unique)")
+            seen.add(entry["id"])
+    images = {img["id"]: img for img in data["images"]}
+    category_ids = {c["id"] for c in data["categories"]}
+    if image_dir is not None:
+        for img in images.values():
+            if not (_is_int(img.get("width")) and _is_int(img.get("height"))) and (Path(image_dir) / img["file_name"]).is_file():
+                img["width"], img["height"] = stored_image_size(Path(image_dir) / img["file_name"])
+    invalid, filled, clipped, kept = [], {"area": 0, "iscrowd": 0}, 0, []
     for ann in data["annotations"]:
-        where = f"annotation {ann.get('id')} in {ann_file}"
-        if ann.get("image_id") not in image_ids:
-            raise ValueError(f"{where} points to image id {ann.get('image_id')}, which is not in 'images'")
+        where = f"annotation {ann['id']}"
+        if ann.get("image_id") not in images:
+            raise DataError(f"{ann_file}: {where} has image_id {ann.get('image_id')!r}, which is not in 'images'")
         if ann.get("category_id") not in category_ids:
-            raise ValueError(f"{where} has category id {ann.get('category_id')}, which is not in 'categories'")
+            raise DataError(f"{ann_file}: {where} has category_id {ann.get('category_id')!r}, which is not in "
+                            f"'categories'")
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise ValueError(f"{where} has bbox {bbox!r}; expected [x, y, width, height]")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            invalid.append(f"{where}: bbox {bbox!r} is not [x, y, width, height] of finite numbers")
+            continue
+        x, y, w, h = bbox
+        if w < 0 or h < 0:
+            invalid.append(f"{where}: bbox {bbox} has a negative width or height (x1, y1, x2, y2 instead of "
+                           f"x, y, width, height?)")
+            continue
+        if w == 0 or h == 0:
+            continue  # empty: dropped
+        img = images[ann["image_id"]]
+        if _is_int(img.get("width")) and _is_int(img.get("height")):
+            x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, img["width"]), min(y + h, img["height"])
+            if x2 <= x1 or y2 <= y1:
+                invalid.append(f"{where}: bbox {bbox} lies outside its {img['width']}x{img['height']} image")
+                continue
+            if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+                ann["bbox"], clipped = [x1, y1, x2 - x1, y2 - y1], clipped + 1
+        if "area" not in ann:
+            ann["area"], filled["area"] = ann["bbox"][2] * ann["bbox"][3], filled["area"] + 1
+        if "iscrowd" not in ann:
+            ann["iscrowd"], filled["iscrowd"] = 0, filled["iscrowd"] + 1
+        kept.append(ann)
+    if invalid:
+        raise DataError(f"{ann_file}: {len(invalid)} invalid box(es): {_listed(invalid)}")
+    if filled["area"]:
+        log(f"{ann_file}: {filled['area']} annotation(s) without 'area': set to the box's width x height")
+    if filled["iscrowd"]:
+        log(f"{ann_file}: {filled['iscrowd']} annotation(s) without 'iscrowd': set to 0")
+    if clipped:
+        log(f"{ann_file}: {clipped} box(es) reach beyond their image: clipped to it, for training and evaluation")
+    if len(kept) < len(data["annotations"]):
+        log(f"{ann_file}: {len(data['annotations']) - len(kept)} empty box(es) (zero width or height): left out "
+            f"of training and evaluation")
+        data["annotations"] = kept
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -65,22 +147,33 @@ def load_coco(ann_file: str | Path):
     return coco
 
 
+HIGH_BIT_DEPTH = {"I;16": 8, "I;16L": 8, "I;16B": 8, "I;16N": 8, "I": 8}  # PIL mode -> bits to drop for 8-bit
+
+
 def read_image(path: Path, json_size: tuple[int, int] | None) -> Image.Image:
     """RGB image with its EXIF orientation applied, unless the annotation file's (width, height) says
-    the annotations were made on the stored pixels (a rotation that swaps width and height)."""
+    the annotations were made on the stored pixels (a rotation that swaps width and height). 16-bit
+    images are scaled to 8 bits (PIL's convert would clip them to white)."""
     try:
         with Image.open(path) as raw:
             raw.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist") from None
     except Exception as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise DataError(f"cannot read image {path}: {e}") from e
     image = ImageOps.exif_transpose(raw)
     if json_size is not None and image.size != json_size:
         if raw.size != json_size:
-            raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} but the annotation file says "
-                             f"{json_size[0]}x{json_size[1]}")
+            raise DataError(f"image {path} is {image.size[0]}x{image.size[1]} but the annotation file says "
+                            f"{json_size[0]}x{json_size[1]}")
         image = raw
+    if image.mode in HIGH_BIT_DEPTH:  # 16-bit grey (PIL reads 16-bit colour PNGs as 8-bit RGB itself)
+        pixels = np.asarray(image, dtype=np.int64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise DataError(f"image {path} has {image.mode} pixels outside 0..65535")
+        image = Image.fromarray((pixels >> HIGH_BIT_DEPTH[image.mode]).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise DataError(f"image {path} has floating-point pixels (PIL mode F): convert it to 8 or 16 bits")
     return image.convert("RGB")  # grayscale, palette, RGBA, CMYK -> RGB
 
 
@@ -128,14 +221,14 @@ class CocoDetection(torch.utils.data.Dataset):
     "orig_size" and "size", (height, width) before and after augmentation.
     """
 
-    def __init__(self, image_dir: str | Path, ann_file: str | Path, transforms: v2.Transform):
+    def __init__(self, image_dir: str | Path, ann_file: str | Path, transforms: v2.Transform, log=print):
         self.image_dir, self.transforms = Path(image_dir), transforms
-        self.coco = load_coco(ann_file)
+        self.coco = load_coco(ann_file, image_dir, log)
         self.ids = sorted(self.coco.imgs)
         missing = [self.coco.imgs[i]["file_name"] for i in self.ids
                    if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) listed in {ann_file} are not in {self.image_dir}: "
+            raise DataError(f"{len(missing)} image(s) listed in {ann_file} are not in {self.image_dir}: "
                                     f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
     @property

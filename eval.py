@@ -23,8 +23,8 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
 from checkpoints import model_from_checkpoint
-from config import Config
-from data import CocoDetection, collate, eval_canvas, make_transforms, read_image, split_paths
+from config import Config, ConfigError
+from data import CocoDetection, DataError, collate, eval_canvas, make_transforms, read_image, split_paths
 from model import postprocess
 from precision import amp_autocast, at_least_float32
 
@@ -36,6 +36,21 @@ def compile_model(model: torch.nn.Module, mode: str | None = None):
     no graph breaks and no reads back to the host inside (the deformable attention is one opaque operator,
     msda_cuda). mode "reduce-overhead" adds CUDA graphs (GPUs)."""
     return torch.compile(model, dynamic=False, mode=mode)
+
+
+def device_from_flag(name: str) -> torch.device:
+    """--device NAME as a torch.device; a ConfigError (one line) for a name torch does not know or a GPU
+    that is not there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is no device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def detection_agreement(outputs: dict, reference: dict, top: int = 100) -> tuple[float, float]:
@@ -158,6 +173,14 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_select: i
 
 # --- pictures, command line ---------------------------------------------------------------
 
+def picture_names(paths: list[str]) -> list[str]:
+    """A distinct file name stem for each input image: its own stem, or where two share one (a/img.jpg and
+    b/img.jpg), its path with the folders joined by '_' (a_img, b_img), and an index if even that repeats."""
+    names = [Path(p).stem for p in paths]
+    names = [n if names.count(n) == 1 else "_".join(Path(p).with_suffix("").parts).strip("/_") for n, p in zip(names, paths)]
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
 def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], score_thr: float) -> Tensor:
     """image (3, H, W) uint8; detection from postprocess in the image's pixels. Returns (3, H, W) uint8."""
     keep = detection["scores"] >= score_thr
@@ -186,7 +209,7 @@ def detect_images(model: torch.nn.Module, cfg: Config, images: list[Tensor], dev
     return detections
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description="Evaluate a DINO checkpoint (ours or official) with pycocotools.")
     parser.add_argument("checkpoint")
     parser.add_argument("--data", help="COCO-layout folder (val2017/, annotations/instances_val2017.json)")
@@ -204,8 +227,15 @@ def main():
                         help="torch.compile the model (a minute or more to start; much faster on GPUs): images "
                              "are padded to a fixed size, and the first batch is checked against eager")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args = parser.parse_args(argv)
+    try:
+        run(parser, args)
+    except (ConfigError, DataError, FileNotFoundError) as e:  # the user's data, files or flags: one line
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    device = device_from_flag(args.device)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = {"scale": args.scale} if args.scale is not None else {}
@@ -218,12 +248,13 @@ def main():
 
     if args.image:
         images = [TF.pil_to_tensor(read_image(Path(path), None)) for path in args.image]
-        for path, image, det in zip(args.image, images, detect_images(model, cfg, images, device, args.amp, canvas)):
+        detections = detect_images(model, cfg, images, device, args.amp, canvas)
+        for path, name, image, det in zip(args.image, picture_names(args.image), images, detections):
             keep = det["scores"] >= args.score_thr
             print(f"{path}: {int(keep.sum())} detections with score >= {args.score_thr}")
             for s, l, b in zip(det["scores"][keep], det["labels"][keep], det["boxes"][keep]):
                 print(f"  {categories.get(int(l), int(l))}  {float(s):.3f}  x1y1x2y2 {[round(v, 1) for v in b.tolist()]}")
-            out = output_dir / f"{Path(path).stem}_detections.png"
+            out = output_dir / f"{name}_detections.png"
             TF.to_pil_image(draw_detections(image, det, categories, args.score_thr)).save(out)
             print(f"  drawn in {out}")
         return

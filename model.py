@@ -407,12 +407,7 @@ def build_dino(backbone: str = "r50", num_classes: int = 91, pretrained_backbone
     """DINO-4scale with `backbone` in ("r50", "swinl", "r18"); overrides are Config fields
     (hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, num_queries, ...).
     `pretrained_backbone` fetches torchvision's ImageNet weights (ResNets only)."""
-    cfg = make_config(backbone=backbone, num_classes=num_classes, **overrides)
-    if cfg.activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
-    if cfg.hidden_dim % 32:
-        raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projections), "
-                         f"got {cfg.hidden_dim}")
+    cfg = make_config(backbone=backbone, num_classes=num_classes, **overrides)  # every value checked
     body = build_backbone(cfg.backbone, pretrained_backbone, cfg.drop_path_rate, cfg.backbone_checkpointing)
     return DINO(cfg, body)
 

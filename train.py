@@ -14,6 +14,7 @@ checkpoint.pth with the optimiser, schedule, epoch and random state, giving the 
 run that never stopped.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,13 +30,14 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from checkpoints import load_pretrained, load_pretrained_backbone, read_checkpoint
-from config import Config, make_config
-from data import CocoDetection, collate, make_shapes_dataset, make_transforms, split_paths
-from eval import evaluate, format_metrics, save_pictures
+from checkpoints import load_pretrained, load_pretrained_backbone, pretrained_architecture, read_checkpoint
+from config import Config, ConfigError, make_config
+from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
+from eval import device_from_flag, evaluate, format_metrics, save_pictures
 from losses import Criterion
 from model import DINO, build_dino
 from precision import amp_autocast, amp_dtype
+from runs import claim_output_dir
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
 DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
@@ -185,10 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        with contextlib.ExitStack() as held:  # the output folder's lock, released however run() ends
+            return run(parser, args, held)
+    except (ConfigError, DataError, FileNotFoundError) as e:  # the user's data, files or flags: one line
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
+    """train.py with parsed flags; returns the last evaluation's metrics."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    if not args.resume:  # every flag checked before any work (a resumed run's, once merged with its saved config)
+        make_config(**({**DEMO, **given} if args.demo else given))
 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    device = torch.device(args.device)
+    device = device_from_flag(args.device)
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -207,6 +220,18 @@ def main(argv: list[str] | None = None) -> dict:
     if (output_dir / "checkpoint.pth").exists() and not args.resume:
         parser.error(f"{output_dir} already holds a run's checkpoint: pass --resume to continue it, "
                      f"or choose another --output-dir")
+    refusal = None
+    if is_main:  # one run per output folder: rank 0 holds the lock until the process ends
+        try:
+            held.enter_context(claim_output_dir(output_dir))
+        except ConfigError as e:
+            refusal = str(e)
+    if distributed:  # every process stops if rank 0 was refused
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal:
+        raise ConfigError(refusal)
     if args.demo:
         data_dir = output_dir / "data"
         if is_main and not (data_dir / "annotations" / "instances_val2017.json").exists():
@@ -229,9 +254,13 @@ def main(argv: list[str] | None = None) -> dict:
         resumed = read_checkpoint(str(checkpoint_path))
         cfg = make_config(**{**resumed["config"], **given})  # flags given now override the saved ones
     else:
-        cfg = make_config(**given)
-    train_set = CocoDetection(*train_paths, make_transforms(train=True, scale=cfg.scale))
-    val_set = CocoDetection(*val_paths, make_transforms(train=False, scale=cfg.scale))
+        pretrained = read_checkpoint(args.pretrained) if args.pretrained else None
+        saved = pretrained_architecture(pretrained) if pretrained is not None else {}
+        cfg = make_config(**{**saved, **given})  # our checkpoint's architecture, unless a flag says otherwise
+        if saved:
+            log(f"architecture from {args.pretrained}: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in saved))
+    train_set = CocoDetection(*train_paths, make_transforms(train=True, scale=cfg.scale), log)
+    val_set = CocoDetection(*val_paths, make_transforms(train=False, scale=cfg.scale), log)
     if "num_classes" not in given and resumed is None:
         cfg = dataclasses.replace(cfg, num_classes=max(train_set.num_classes, val_set.num_classes))
     if is_main:
@@ -241,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_dino(**dataclasses.asdict(cfg)).to(device)
     if args.pretrained and resumed is None:
-        load_pretrained(model, args.pretrained, log)
+        load_pretrained(model, pretrained, args.pretrained, log)
     if args.pretrained_backbone and resumed is None:
         load_pretrained_backbone(model, args.pretrained_backbone, log)
     ema = make_ema(model, cfg.ema_decay) if cfg.ema else None

@@ -1,12 +1,13 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, RandomSizeCrop, collate, make_shapes_dataset,
-                  make_transforms)
+from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, DataError, RandomSizeCrop, collate,
+                  make_shapes_dataset, make_transforms, read_image)
 from torchvision.transforms import v2
 
 COLOURS = torch.tensor([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20]], dtype=torch.uint8)
@@ -145,7 +146,7 @@ def test_annotations_made_on_the_stored_pixels_are_kept_unrotated(tmp_path):
 def test_missing_image_is_named(tmp_path):
     images_dir, ann_file = write_awkward_dataset(tmp_path)
     (images_dir / "gray.png").unlink()
-    with pytest.raises(FileNotFoundError, match="gray.png"):
+    with pytest.raises(DataError, match="gray.png"):
         CocoDetection(images_dir, ann_file, identity_transform())
 
 
@@ -158,17 +159,24 @@ def test_corrupt_image_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d["annotations"][0].update(image_id=99), "annotation 1 .* image id 99"),
-    (lambda d: d["annotations"][1].update(category_id=5), "annotation 2 .* category id 5"),
-    (lambda d: d["annotations"][2].update(bbox=[1, 2, 3]), "annotation 3 .* bbox"),
+    (lambda d: d["annotations"][0].update(image_id=99), "annotation 1 has image_id 99"),
+    (lambda d: d["annotations"][1].update(category_id=5), "annotation 2 has category_id 5"),
+    (lambda d: d["annotations"][2].update(bbox=[1, 2, 3]), r"annotation 3: bbox \[1, 2, 3\] is not"),
     (lambda d: d.pop("categories"), "categories"),
+    (lambda d: d["annotations"][2].update(id=1), "annotation id 1 appears twice"),
+    (lambda d: d["categories"][0].update(id="3"), "category '3' in 'categories' has no integer 'id'"),
+    (lambda d: d["annotations"][0].update(id=None), "annotation None in 'annotations' has no integer 'id'"),
+    (lambda d: d["images"][1].update(id=1.0), "image 1.0 in 'images' has no integer 'id'"),
+    (lambda d: d["annotations"][1].update(bbox=[5, 5, -20, 20]), "annotation 2: bbox .* negative width"),
+    (lambda d: d["annotations"][1].update(bbox=[5, float("nan"), 20, 20]), "annotation 2: bbox .* finite numbers"),
+    (lambda d: d["annotations"][1].update(bbox=[60, 5, 20, 20]), "annotation 2: bbox .* outside its 50x50 image"),
 ])
 def test_bad_annotations_are_named(tmp_path, change, message):
     images_dir, ann_file = write_awkward_dataset(tmp_path)
     data = json.loads(ann_file.read_text())
     change(data)
     ann_file.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DataError, match=f"{ann_file}: .*{message}"):
         CocoDetection(images_dir, ann_file, identity_transform())
 
 
@@ -182,3 +190,53 @@ def test_generated_dataset_is_deterministic(tmp_path):
     dataset = CocoDetection(a / "train2017", a / "annotations/instances_train2017.json", make_transforms(True, 0.25))
     image, target = dataset[0]
     assert image.shape[0] == 3 and len(target["labels"]) >= 1
+
+
+def test_annotations_without_area_or_iscrowd_are_completed_and_evaluated(tmp_path):
+    """Converted datasets often lack both: pycocotools' evaluation needs them (KeyError: 'area')."""
+    from eval import coco_metrics
+    images_dir, ann_file = write_awkward_dataset(tmp_path)
+    data = json.loads(ann_file.read_text())
+    for ann in data["annotations"]:
+        del ann["area"], ann["iscrowd"]
+    ann_file.write_text(json.dumps(data))
+    notes = []
+    dataset = CocoDetection(images_dir, ann_file, identity_transform(), log=notes.append)
+    assert any("4 annotation(s) without 'area'" in n for n in notes), notes
+    assert any("4 annotation(s) without 'iscrowd': set to 0" in n for n in notes), notes
+    assert dataset.coco.anns[1]["area"] == 400 and dataset.coco.anns[5]["area"] == 100  # clipped to 10 x 10
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in dataset.coco.anns.values()]
+    assert coco_metrics(dataset.coco, perfect, dataset.ids)["AP"] == pytest.approx(1.0)
+
+
+def test_boxes_beyond_the_image_are_clipped_and_empty_ones_dropped_for_training_and_evaluation(tmp_path):
+    notes = []
+    dataset = CocoDetection(*write_awkward_dataset(tmp_path), identity_transform(), log=notes.append)
+    assert dataset.coco.anns[5]["bbox"] == [40, 40, 10, 10]  # what evaluation reads
+    _, target = dataset[dataset.ids.index(9)]  # what training reads
+    torch.testing.assert_close(target["boxes"], torch.tensor([[0.9, 0.9, 0.2, 0.2]]))
+    assert 4 not in dataset.coco.anns  # the zero-width box, in neither
+    assert any("1 box(es) reach beyond their image" in n for n in notes)
+    assert any("1 empty box(es)" in n for n in notes)
+
+
+def test_images_without_a_size_in_the_file_get_it_from_the_image(tmp_path):
+    images_dir, ann_file = write_awkward_dataset(tmp_path)
+    data = json.loads(ann_file.read_text())
+    for img in data["images"]:
+        del img["width"], img["height"]
+    ann_file.write_text(json.dumps(data))
+    dataset = CocoDetection(images_dir, ann_file, identity_transform(), log=lambda _: None)
+    assert (dataset.coco.imgs[1]["width"], dataset.coco.imgs[1]["height"]) == (60, 40)  # EXIF-rotated
+    assert dataset.coco.anns[5]["bbox"] == [40, 40, 10, 10]  # so boxes are still checked against it
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    ramp = (torch.arange(64 * 32) * 32).reshape(32, 64).numpy().astype("uint16")  # 0 .. 65504
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    image = torch.as_tensor(np.array(read_image(tmp_path / "deep.png", None)))
+    assert image.shape == (32, 64, 3)
+    assert torch.equal(image[..., 0], torch.as_tensor(ramp.astype("int64") >> 8).to(torch.uint8))
+    assert image.float().std() > 50  # a ramp, not white

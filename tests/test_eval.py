@@ -77,3 +77,10 @@ def test_eval_command_on_a_trained_checkpoint(shapes, tmp_path):
     # as many detections; not the same ones: padded to the compiled canvas, this barely trained model's
     # near-zero scores move (the input projections' GroupNorm sees the padding, as in official DINO)
     assert result.stdout.splitlines()[0] == eager.splitlines()[0]
+
+
+def test_pictures_of_images_with_the_same_name_do_not_overwrite_each_other():
+    from eval import picture_names
+    assert picture_names(["a/img.jpg", "b/img.jpg", "c.png"]) == ["a_img", "b_img", "c"]
+    names = picture_names(["x/d.jpg", "x/d.png", "d.gif"])
+    assert len(set(names)) == 3

@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # bottom to top
     {"config", "precision"},
     {"msda_cuda"},
-    {"backbone", "deformable_attn", "denoising", "matcher", "data"},
+    {"backbone", "deformable_attn", "denoising", "matcher", "data", "runs"},
     {"model", "losses"},
     {"checkpoints"},
     {"eval"},

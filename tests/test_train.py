@@ -213,3 +213,50 @@ def test_ema_starts_from_the_initial_weights_and_moves_by_one_minus_decay():
     torch.testing.assert_close(ema.module.level_embed, 0.9 * initial + 0.1 * model.level_embed)
     assert torch.equal(ema.module.backbone.body.bn1.running_mean, model.backbone.body.bn1.running_mean)
     assert not any(p.requires_grad for p in ema.parameters())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-queries", "0"], "--num-queries must be >= 1, got 0"),
+    (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--scale", "0"], "--scale must be > 0, got 0.0"),
+    (["--hidden-dim", "48"], "--hidden-dim must be a positive multiple of 32"),
+    (["--device", "gpu7"], "--device 'gpu7' is no device torch knows"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: no CUDA GPU is available here")]))
+def test_bad_flags_stop_before_any_work_with_one_line(shapes, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(shapes), "--output-dir", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_broken_annotation_file_stops_training_with_one_line(shapes, tmp_path, capsys):
+    data = json.loads((shapes / "annotations" / "instances_train2017.json").read_text())
+    data["annotations"][1]["id"] = data["annotations"][0]["id"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--train-images", str(shapes / "train2017"), "--train-json", str(bad),
+                    "--val-images", str(shapes / "val2017"), "--val-json", str(shapes / "annotations" / "instances_val2017.json"),
+                    "--output-dir", str(tmp_path / "out"), *FLAGS])
+    assert exit_info.value.code == 2
+    assert f"{bad}: annotation id {data['annotations'][0]['id']} appears twice" in capsys.readouterr().err
+
+
+def test_fine_tuning_from_our_checkpoint_takes_its_architecture(shapes, tmp_path, capsys):
+    run(shapes, tmp_path / "a", "--epochs", "1", "--enc-layers", "1", "--num-queries", "20")
+    capsys.readouterr()
+    data_only = ["--scale", "0.1", "--batch-size", "2", "--num-workers", "0", "--epochs", "1"]  # no architecture flag
+    train.main(["--data", str(shapes), "--output-dir", str(tmp_path / "b"), *data_only,
+                "--pretrained", str(tmp_path / "a" / "checkpoint.pth")])
+    out = capsys.readouterr().out
+    assert f"architecture from {tmp_path / 'a' / 'checkpoint.pth'}: backbone r18, hidden_dim 64" in out
+    assert read_checkpoint(str(tmp_path / "b" / "checkpoint.pth"))["config"]["enc_layers"] == 1
+    with pytest.raises(SystemExit):  # a flag that contradicts the weights: the error names the file
+        train.main(["--data", str(shapes), "--output-dir", str(tmp_path / "c"), *data_only, "--hidden-dim", "96",
+                    "--nheads", "4", "--pretrained", str(tmp_path / "a" / "checkpoint.pth")])
+    assert f"{tmp_path / 'a' / 'checkpoint.pth'} does not fit this model" in capsys.readouterr().err
