@@ -239,7 +239,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, dict]:
+        """item: an index, or (index, seed): then the augmentation draws from a generator of this sample's own,
+        so that it is the same whichever process or worker reads the sample, and whenever (runs.EpochOrder)."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         json_size = (info["width"], info["height"]) if "width" in info and "height" in info else None
@@ -253,7 +256,12 @@ class CocoDetection(torch.utils.data.Dataset):
                   "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)),
                   "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)}
         sample["boxes"] = TF.clamp_bounding_boxes(sample["boxes"])
-        sample = self.transforms(sample)
+        if seed is None:
+            sample = self.transforms(sample)
+        else:
+            with torch.random.fork_rng(devices=[]):  # v2's random transforms draw from torch's generator
+                torch.manual_seed(seed)
+                sample = self.transforms(sample)
         image, boxes = sample["image"], sample["boxes"]
         # drop boxes cropped away or degenerate, as official DINO: any positive width and height stays.
         # (v2.SanitizeBoundingBoxes would also drop boxes under one pixel, and its min_size cannot go lower)

@@ -1,4 +1,5 @@
-"""Plumbing for runs that last days (not in the paper): one run per output folder.
+"""Plumbing for runs that last days (not in the paper): one run per output folder, an epoch order that a
+run can resume anywhere in, and stopping in order on SIGTERM and Ctrl-C.
 
 `claim_output_dir` takes an exclusive lock on OUTPUT_DIR/.lock with flock(2). A second run into the
 same folder is refused while the lock is held; the operating system releases it when the holding
@@ -6,9 +7,17 @@ process ends, however it ends (Ctrl-C, SIGTERM, kill -9, a crash), so a dead run
 claim behind and no stale-lock cleaning is needed. The file holds the holder's pid and host, for the
 refusal's message. (Where flock does not exist, on Windows, runs are not locked.)
 """
+import math
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from config import ConfigError
 
@@ -16,6 +25,9 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
+
+
+_held_locks = []  # the lock files this process holds open
 
 
 def claim_output_dir(folder: Path):
@@ -37,4 +49,109 @@ def claim_output_dir(folder: Path):
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
+    _held_locks.append(lock)
     return lock
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """The training samples of one epoch, from the `skip`-th on, each as (index, augmentation seed).
+
+    The order depends on the seed and the epoch alone: a random permutation, and under torch.distributed
+    this process's share of it, split as DistributedSampler splits (padded by repeating, then every
+    world-th). Each sample's augmentation seed depends on the seed, the epoch and the index alone
+    (data.CocoDetection draws the sample's augmentation from it), so a run resumed at any iteration
+    sees exactly the batches of one that never stopped, whatever the number of data workers.
+    """
+
+    def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0):
+        self.size, self.seed, self.epoch, self.rank, self.world, self.skip = size, seed, epoch, rank, world, skip
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        total = math.ceil(self.size / self.world) * self.world
+        order = (order * math.ceil(total / max(self.size, 1)))[:total][self.rank::self.world]
+        for index in order[self.skip:]:
+            yield index, (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
+
+    def __len__(self) -> int:
+        return max(math.ceil(self.size / self.world) - self.skip, 0)
+
+
+def data_worker_init(worker_id: int) -> None:
+    """DataLoader worker_init_fn. A worker moves to a process group of its own: a signal sent to the run's
+    group (Ctrl-C in a terminal; torchrun and batch schedulers send SIGTERM to a process's whole group)
+    then reaches only the main process, which stops the run in order (StopSignals) and ends its workers
+    itself; a worker killed by it would crash the loader, at a different step in each process. (The
+    DataLoader still ends them by pid; they also end when their parent dies.) And a forked worker closes
+    its copy of the output folder's lock, so that the lock ends with the run, not with its last worker."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+    for lock in _held_locks:
+        lock.close()
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) for the length of a run: the first asks it to stop after the current step
+    (`received` holds it; train.py then writes a checkpoint and exits); a second SIGINT aborts at once.
+    Outside the main thread (where Python cannot take signals) it takes nothing over."""
+
+    def __init__(self, log=print):
+        self.received, self.log, self.previous = None, log, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                print("aborted by a second Ctrl-C: what was trained since the last checkpoint is lost",
+                      file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            return
+        self.received = signum
+        self.log(f"{signal.Signals(signum).name}: stopping after this step, once the checkpoint is written "
+                 f"(Ctrl-C again aborts at once)")
+
+
+class Stopped(Exception):
+    """The run stopped on a signal, its checkpoint written; the message says where and how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class CheckpointClock:
+    """When to write a checkpoint mid-epoch: every `minutes` (0: never), and at once when a stop signal
+    came. Every process must agree, since writing one gathers every process's random state: under
+    torch.distributed each step ends with one small all_reduce of both questions."""
+
+    def __init__(self, minutes: float, signals: StopSignals, device: torch.device):
+        self.minutes, self.signals, self.device = minutes, signals, device
+        self.last = time.monotonic()
+
+    def due(self) -> tuple[bool, bool]:
+        """(write a checkpoint now, stop after it), the same in every process."""
+        stop = self.signals.received is not None
+        timed = self.minutes > 0 and time.monotonic() - self.last >= 60 * self.minutes
+        if dist.is_available() and dist.is_initialized():
+            flags = torch.tensor([stop, timed], dtype=torch.float32, device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, timed = (bool(v) for v in flags.tolist())
+        return stop or timed, stop
+
+    def written(self):
+        self.last = time.monotonic()
+
+    def stopped(self, where: str) -> "Stopped":
+        """The Stopped to raise once the checkpoint of a stop is written (in a process that did not receive
+        the signal itself, another one did)."""
+        received = self.signals.received
+        name = signal.Signals(received).name if received is not None else "a signal to another process"
+        return Stopped(f"stopped by {name} {where}", received or signal.SIGTERM)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from eval import device_from_flag, evaluate, format_metrics, save_pictures
 from losses import Criterion
 from model import DINO, build_dino
 from precision import amp_autocast, amp_dtype
-from runs import claim_output_dir
+from runs import CheckpointClock, EpochOrder, StopSignals, Stopped, claim_output_dir, data_worker_init
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
 DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
@@ -117,36 +118,66 @@ def make_grad_scaler(device: torch.device, cfg: Config) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16)
 
 
+def partial(sums: dict, counts: dict) -> dict:
+    """An epoch's running loss sums, for a checkpoint written mid-epoch (floats: read back once, here)."""
+    return {"sums": {k: float(v) for k, v in sums.items()}, "counts": dict(counts)}
+
+
 def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int, device, ema: AveragedModel | None,
-                    scaler: torch.amp.GradScaler, is_main: bool) -> dict:
-    """One pass over the data with train_step. Returns the epoch's mean of every (unweighted) loss term."""
+                    scaler: torch.amp.GradScaler, is_main: bool, first: int, total: int, sums: dict, counts: dict,
+                    clock: CheckpointClock, save) -> dict:
+    """The epoch's iterations first..total-1 with train_step (the loader yields those). Adds every unweighted
+    loss term to sums and counts; writes a checkpoint through save(epoch, next iteration, partial sums)
+    when the clock says so, and raises Stopped after one that a signal asked for. Returns the epoch's mean
+    of every term over all processes."""
     model.train()
-    sums, counts = {}, {}
     start = last_print = time.time()
-    for it, (images, mask, targets) in enumerate(loader):
-        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
-        try:
-            terms = train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)
-        except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"{e} at epoch {epoch}, iteration {it}") from None
-        if ema is not None:
-            ema.update_parameters(model.module if isinstance(model, DistributedDataParallel) else model)
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.detach()
-            counts[name] = counts.get(name, 0) + 1
-        now = time.time()
-        if is_main and (now - last_print > 10 or it + 1 == len(loader)):
-            last_print = now
-            rate = (it + 1) / (now - start)
-            main = {k: float(sums[k] / counts[k]) for k in ("loss", "loss_ce", "loss_bbox", "loss_giou")}
-            left = (len(loader) - it - 1 + (cfg.epochs - epoch - 1) * len(loader)) / rate
-            print(f"epoch {epoch} [{it + 1}/{len(loader)}] loss {main['loss']:.3f} (ce {main['loss_ce']:.3f} "
-                  f"bbox {main['loss_bbox']:.3f} giou {main['loss_giou']:.3f}) lr {optimizer.param_groups[0]['lr']:.2e} "
-                  f"{rate:.2f} it/s, epoch ends in {(len(loader) - it - 1) / rate:.0f} s, training in "
-                  f"{left / 3600:.1f} h", flush=True)
-    return {name: float(sums[name] / counts[name]) for name in sums}
+    done = first  # iterations of this epoch finished
+    try:
+        for it, (images, mask, targets) in enumerate(loader, start=first):
+            images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                       for t in targets]
+            try:
+                terms = train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"{e} at epoch {epoch}, iteration {it}") from None
+            if ema is not None:
+                ema.update_parameters(model.module if isinstance(model, DistributedDataParallel) else model)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach()
+                counts[name] = counts.get(name, 0) + 1
+            done = it + 1
+            write, stop = clock.due()
+            if done == total:  # the epoch's end writes its checkpoint anyway, and stops there if asked to
+                write = stop = False
+            if write:
+                save(epoch, done, partial(sums, counts))
+                clock.written()
+            if stop:
+                raise clock.stopped(f"at epoch {epoch}, iteration {done} of {total}")
+            now = time.time()
+            if is_main and (now - last_print > 10 or it + 1 == total):
+                last_print = now
+                rate = (it + 1 - first) / (now - start)
+                main = {k: float(sums[k] / counts[k]) for k in ("loss", "loss_ce", "loss_bbox", "loss_giou")}
+                left = (total - it - 1 + (cfg.epochs - epoch - 1) * total) / rate
+                print(f"epoch {epoch} [{it + 1}/{total}] loss {main['loss']:.3f} (ce {main['loss_ce']:.3f} "
+                      f"bbox {main['loss_bbox']:.3f} giou {main['loss_giou']:.3f}) lr {optimizer.param_groups[0]['lr']:.2e} "
+                      f"{rate:.2f} it/s, epoch ends in {(total - it - 1) / rate:.0f} s, training in "
+                      f"{left / 3600:.1f} h", flush=True)
+    except DataError as e:  # an image that cannot be read, found mid-epoch: keep what was trained
+        reason = str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")  # from a worker: its traceback
+        if not (dist.is_available() and dist.is_initialized()):  # (other processes would wait for this one)
+            save(epoch, done, partial(sums, counts))
+            reason += f"; the {done} iterations of epoch {epoch} before it are saved: fix the image, then --resume"
+        raise DataError(reason) from None
+    names = sorted(sums)
+    means = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) / counts[k] for k in names])
+    if dist.is_available() and dist.is_initialized():  # the log holds every process's mean, not rank 0's alone
+        dist.all_reduce(means)
+        means /= dist.get_world_size()
+    return dict(zip(names, means.tolist()))
 
 
 def build_optimizer(model: DINO, cfg: Config) -> torch.optim.Optimizer:
@@ -156,6 +187,13 @@ def build_optimizer(model: DINO, cfg: Config) -> torch.optim.Optimizer:
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
     return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr_backbone}],
                              weight_decay=cfg.weight_decay, fused=rest[0].is_cuda or None)
+
+
+def minutes(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pretrained", metavar="CKPT", help="start from a checkpoint (ours or official DINO)")
     run.add_argument("--pretrained-backbone", metavar="FILE", help="'imagenet' (torchvision, ResNets) or a weights file")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--checkpoint-minutes", type=minutes, default=10.0, metavar="M",
+                     help="also write checkpoint.pth every M minutes mid-epoch (0: at epoch ends only; default 10)")
     run.add_argument("--demo", action="store_true", help="train a small model on generated shapes (CPU, ~10 min)")
     hyper = parser.add_argument_group("hyperparameters (config.py; defaults are the seed's)")
     for f in dataclasses.fields(Config):
@@ -212,6 +252,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: context
     log = print if is_main else (lambda *a, **k: None)
 
     output_dir = Path(args.output_dir or ("demo_output" if args.demo else "outputs"))
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (output_dir / "checkpoint.pth").exists():
+        args.resume = True  # restarted by torchrun --max-restarts: go on from the checkpoint
+        log(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from {output_dir / 'checkpoint.pth'}")
     if args.demo and not args.output_dir and not args.resume:  # a repeated `make demo` keeps the earlier one
         n = 1
         while (output_dir / "checkpoint.pth").exists():
@@ -263,8 +306,6 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: context
     val_set = CocoDetection(*val_paths, make_transforms(train=False, scale=cfg.scale), log)
     if "num_classes" not in given and resumed is None:
         cfg = dataclasses.replace(cfg, num_classes=max(train_set.num_classes, val_set.num_classes))
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
@@ -279,7 +320,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: context
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_at_epoch(cfg, epoch))
     scaler = make_grad_scaler(device, cfg)
-    start_epoch, best_ap = 0, -1.0
+    # where training goes on: (epoch, iteration), the epoch's running loss sums, an evaluation still owed
+    start_epoch, start_iteration, running, pending, best_ap = 0, 0, None, None, -1.0
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
@@ -287,65 +329,102 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: context
         scaler.load_state_dict(resumed["scaler"])
         if ema is not None and resumed.get("ema") is not None:
             ema.module.load_state_dict(resumed["ema"])
-        start_epoch, best_ap = resumed["epoch"] + 1, resumed["best_ap"]
+        start_epoch, start_iteration = resumed.get("next", (resumed["epoch"] + 1, 0))
+        running, pending, best_ap = resumed.get("partial"), resumed.get("pending"), resumed["best_ap"]
         set_rng_state(resumed["rng"][rank] if rank < len(resumed["rng"]) else resumed["rng"][0])
-        log(f"resumed from {checkpoint_path} at epoch {start_epoch}")
+        log(f"resumed from {checkpoint_path} at epoch {start_epoch}, iteration {start_iteration}")
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=True) if distributed else model
     # find_unused_parameters: the denoising label book is unused in a batch without objects
 
-    def loader(dataset, train: bool, epoch: int = 0):
-        if distributed:
-            sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=cfg.seed)
-            sampler.set_epoch(epoch)
-        elif train:  # the order depends on the seed and the epoch only, so a resumed run sees the same batches
-            sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    def loader(dataset, train: bool, epoch: int = 0, skip: int = 0):
+        if train:  # an order that a resumed run continues exactly, augmentation included (runs.EpochOrder)
+            sampler = EpochOrder(len(dataset), cfg.seed, epoch, rank, world, skip * cfg.batch_size)
+        elif distributed:
+            sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
         else:
             sampler = torch.utils.data.SequentialSampler(dataset)
-        # validation draws its worker seeds from its own generator: evaluating never shifts the training's random stream
-        generator = None if train else torch.Generator().manual_seed(cfg.seed)
+        # worker seeds from a generator of the loader's own: loading never shifts the training's random stream
         return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
-                                           num_workers=cfg.num_workers, collate_fn=collate, generator=generator,
-                                           pin_memory=device.type == "cuda")
+                                           num_workers=cfg.num_workers, collate_fn=collate,
+                                           generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                                           worker_init_fn=data_worker_init, pin_memory=device.type == "cuda")
 
-    log(f"DINO-4scale {cfg.backbone}, {cfg.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters; {len(train_set)} training / {len(val_set)} validation images; {world} process(es) on {device}")
     categories = {c: train_set.coco.cats[c]["name"] for c in train_set.coco.cats}
-    metrics = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        epoch_start = time.time()
-        try:
-            losses = train_one_epoch(train_model, criterion, loader(train_set, True, epoch), optimizer, cfg, epoch,
-                                     device, ema, scaler, is_main)
-        except NonFiniteLoss as e:
-            kept = f"the last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path.exists() else "no checkpoint yet"
-            log(f"stopping: {e}; {kept}")
-            sys.exit(1)
-        record = {"epoch": epoch, "train": losses, "lr": optimizer.param_groups[0]["lr"]}  # this epoch's
-        scheduler.step()
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics = evaluate(evaluated, loader(val_set, False), device, cfg.num_select, cfg.amp)
-            if is_main:
-                log(format_metrics(metrics))
-                record["val"] = metrics
-        record["seconds"] = time.time() - epoch_start
+
+    def iterations(epoch: int) -> int:
+        return len(loader(train_set, True, epoch))
+
+    def save(epoch: int, iteration: int, partial: dict | None = None, pending: dict | None = None):
+        """Write checkpoint.pth (rank 0; every process calls it, for the random states): training goes on at
+        `iteration` of `epoch` (the next epoch's first when the epoch is done), with its running loss sums
+        `partial`; `pending`, the epoch's log record whose evaluation has not finished yet."""
+        done = iteration == iterations(epoch)
         rng = [None] * world
         if distributed:
             dist.all_gather_object(rng, rng_state())
         else:
             rng = [rng_state()]
         if is_main:
-            checkpoint = {"model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-                          "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg),
-                          "categories": categories, "rng": rng, "best_ap": best_ap}
-            if "val" in record and metrics["AP"] > best_ap:
-                best_ap = checkpoint["best_ap"] = metrics["AP"]
-                save_atomically(checkpoint, output_dir / "best.pth")
-                (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            save_atomically(checkpoint, checkpoint_path)
+            save_atomically({"model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+                             "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg),
+                             "categories": categories, "rng": rng, "best_ap": best_ap,
+                             "next": (epoch + 1, 0) if done else (epoch, iteration),
+                             "partial": None if done else partial, "pending": pending}, checkpoint_path)
+
+    def evaluate_and_save(epoch: int, record: dict) -> dict:
+        """Evaluate the finished `epoch` (when its record says it is due), write the checkpoint again, now
+        with no evaluation owed, keep it as best.pth if its AP is the best, append the record to log.jsonl."""
+        nonlocal best_ap
+        metrics, best = {}, False
+        if record.pop("evaluate"):
+            metrics = evaluate(evaluated, loader(val_set, False), device, cfg.num_select, cfg.amp) or {}  # rank 0's
+            if is_main:
+                log(format_metrics(metrics))
+                record["val"] = metrics
+            best = is_main and metrics["AP"] > best_ap
+            best_ap = max(best_ap, metrics.get("AP", best_ap))
+        save(epoch, iterations(epoch))
+        if best:
+            shutil.copyfile(checkpoint_path, output_dir / "best.pth")
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if is_main:
             with open(output_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        return metrics
+
+    log(f"DINO-4scale {cfg.backbone}, {cfg.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters; {len(train_set)} training / {len(val_set)} validation images; {world} process(es) on {device}")
+    metrics = {}
+    if pending is not None:  # the last run stopped after an epoch's checkpoint, before its evaluation ended
+        metrics = evaluate_and_save(start_epoch - 1, pending)
+    signals = held.enter_context(StopSignals(log))
+    clock = CheckpointClock(args.checkpoint_minutes, signals, device)
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_start = time.time()
+        skip = start_iteration if epoch == start_epoch else 0
+        sums, counts = (dict(running["sums"]), dict(running["counts"])) if skip and running else ({}, {})
+        try:
+            losses = train_one_epoch(train_model, criterion, loader(train_set, True, epoch, skip), optimizer, cfg,
+                                     epoch, device, ema, scaler, is_main, skip, iterations(epoch), sums, counts,
+                                     clock, save)
+            record = {"epoch": epoch, "train": losses, "lr": optimizer.param_groups[0]["lr"],  # this epoch's
+                      "seconds": time.time() - epoch_start,
+                      "evaluate": (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs}
+            scheduler.step()
+            save(epoch, iterations(epoch), pending=dict(record))  # before the evaluation, which then cannot lose it
+            metrics = evaluate_and_save(epoch, record) or metrics
+            clock.written()
+            if clock.due()[1] and epoch + 1 < cfg.epochs:  # a stop asked for during the epoch's last step or evaluation
+                raise clock.stopped(f"after epoch {epoch}")
+        except NonFiniteLoss as e:
+            kept = f"the last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path.exists() else "no checkpoint yet"
+            log(f"stopping: {e}; {kept}")
+            sys.exit(1)
+        except Stopped as e:
+            log(f"{e}; checkpoint written to {checkpoint_path}: resume with the same command and --resume")
+            sys.exit(e.exit_code)
     if is_main and args.demo:
         saved = save_pictures(evaluated, cfg, val_set, 8, 0.3, output_dir / "vis", device, cfg.amp)
         log(f"demo: AP50 {metrics.get('AP50', 0.0):.3f}, AP {metrics.get('AP', 0.0):.3f} on the generated validation "

@@ -1,0 +1,165 @@
+"""Runs that survive: a stop on SIGTERM or Ctrl-C, a kill -9, a failing evaluation, a corrupt image and a
+torchrun restart each lose at most the work since the last checkpoint, and a resumed run then gives
+exactly the losses of one that never stopped (mid-epoch, batch 2, 2 data workers)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import train
+from checkpoints import read_checkpoint
+from conftest import tiny_flags
+from data import make_shapes_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = tiny_flags() + ["--scale", "0.1", "--batch-size", "2", "--num-workers", "2", "--lr", "1e-3", "--epochs", "2",
+                        "--eval-every", "2"]  # 4 iterations an epoch on 8 images
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=2, size=(64, 96))
+
+
+@pytest.fixture(scope="module")
+def straight(shapes, tmp_path_factory):
+    """The log of a run that never stopped."""
+    out = tmp_path_factory.mktemp("straight")
+    train.main(["--data", str(shapes), "--output-dir", str(out), *FLAGS])
+    return read_log(out)
+
+
+def read_log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def same_losses(log: list[dict], straight: list[dict]):
+    assert [r["epoch"] for r in log] == [r["epoch"] for r in straight]
+    for r, s in zip(log, straight):
+        assert r["train"] == s["train"]  # exactly: the same batches, augmentations and random draws
+
+
+def test_sigterm_mid_epoch_then_resume_gives_the_losses_of_a_run_that_never_stopped(shapes, straight, tmp_path,
+                                                                                    monkeypatch, capsys):
+    steps = []
+    real_step = train.train_step
+
+    def step_then_signal(*args, **kwargs):
+        terms = real_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:  # the third iteration of epoch 0
+            os.kill(os.getpid(), signal.SIGTERM)
+        return terms
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(shapes), "--output-dir", str(tmp_path), *FLAGS])
+    assert exit_info.value.code == 128 + signal.SIGTERM and len(steps) == 3  # the step finished, no further
+    out = capsys.readouterr().out
+    assert "stopped by SIGTERM at epoch 0, iteration 3 of 4" in out and "resume with the same command and --resume" in out
+    checkpoint = read_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert checkpoint["next"] == (0, 3) and checkpoint["partial"]["counts"]["loss"] == 3
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(["--data", str(shapes), "--output-dir", str(tmp_path), *FLAGS, "--resume"])
+    assert "resumed from" in capsys.readouterr().out
+    same_losses(read_log(tmp_path), straight)
+
+
+def test_a_run_killed_mid_epoch_resumes_where_its_last_checkpoint_was(shapes, straight, tmp_path):
+    command = [sys.executable, str(ROOT / "train.py"), "--data", str(shapes), "--output-dir", str(tmp_path),
+               *FLAGS, "--checkpoint-minutes", "0.00001"]  # a checkpoint after every step
+    killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (tmp_path / "checkpoint.pth").exists() and read_checkpoint(str(tmp_path / "checkpoint.pth"))["next"] >= (0, 2):
+            break
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    position = tuple(read_checkpoint(str(tmp_path / "checkpoint.pth"))["next"])
+    assert position >= (0, 2) and position < (2, 0)  # stopped mid-run, after at least two steps
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at epoch {position[0]}, iteration {position[1]}" in resumed.stdout  # nothing before it redone
+    same_losses(read_log(tmp_path), straight)
+
+
+def test_an_evaluation_that_fails_loses_no_training(shapes, straight, tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+    real_evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train.main(["--data", str(shapes), "--output-dir", str(tmp_path), *FLAGS])
+    checkpoint = read_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert checkpoint["next"] == (2, 0) and checkpoint["pending"]["epoch"] == 1  # trained, evaluation owed
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    metrics = train.main(["--data", str(shapes), "--output-dir", str(tmp_path), *FLAGS, "--resume"])
+    log = read_log(tmp_path)
+    assert "AP" in metrics and "val" in log[-1] and log[-1]["epoch"] == 1
+    same_losses(log, straight)
+    assert read_checkpoint(str(tmp_path / "checkpoint.pth"))["pending"] is None
+
+
+def test_a_corrupt_image_mid_epoch_stops_with_its_name_and_the_progress_kept(shapes, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    train_json = json.loads((data / "annotations" / "instances_train2017.json").read_text())
+    bad = data / "train2017" / train_json["images"][5]["file_name"]
+    good = bad.read_bytes()
+    bad.write_bytes(b"\xff\xd8 not a JPEG")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(data), "--output-dir", str(tmp_path / "out"), *FLAGS])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "are saved: fix the image, then --resume" in err and len(err.strip().splitlines()) == 1
+    position = tuple(read_checkpoint(str(tmp_path / "out" / "checkpoint.pth"))["next"])
+    assert position[0] == 0
+    bad.write_bytes(good)
+    train.main(["--data", str(data), "--output-dir", str(tmp_path / "out"), *FLAGS, "--resume"])
+    assert len(read_log(tmp_path / "out")) == 2
+
+
+def test_a_torchrun_restart_resumes_by_itself(shapes, straight, tmp_path, monkeypatch, capsys):
+    train.main(["--data", str(shapes), "--output-dir", str(tmp_path), *FLAGS[:-4], "--epochs", "1"])
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    train.main(["--data", str(shapes), "--output-dir", str(tmp_path), *FLAGS])  # no --resume
+    assert "torchrun restart 1: resuming from" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_log(tmp_path)] == [0, 1]
+
+
+def test_sigterm_stops_every_torchrun_process_at_the_same_iteration(tmp_path):
+    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=16, num_val=2, size=(64, 96))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train.py"), "--data", str(shapes), "--output-dir", str(tmp_path / "out"), "--device", "cpu",
+               *FLAGS, "--checkpoint-minutes", "0.00001"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    checkpoint = tmp_path / "out" / "checkpoint.pth"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (checkpoint.exists() and read_checkpoint(str(checkpoint))["next"] >= (0, 1)):
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both processes
+    output = run.communicate(timeout=240)[0]
+    assert run.returncode != 0
+    assert "stopped by SIGTERM at epoch" in output, output[-3000:]
+    stopped = read_checkpoint(str(checkpoint))
+    assert len(stopped["rng"]) == 2 and tuple(stopped["next"]) < (2, 0)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["epoch"] for r in read_log(tmp_path / "out")] == [0, 1]
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    script = ("import os, signal, sys, time; sys.path.insert(0, {root!r}); from runs import StopSignals\n"
+              "with StopSignals():\n"
+              "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1); os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(5); print('not aborted')").format(root=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 128 + signal.SIGINT and "not aborted" not in result.stdout
+    assert "SIGINT: stopping after this step" in result.stdout and "aborted by a second Ctrl-C" in result.stderr
