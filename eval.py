@@ -13,6 +13,7 @@ import contextlib
 import functools
 import io
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -148,7 +149,13 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_select: i
     dataset = loader.dataset
     model.eval()
     results, image_ids = [], []
-    for images, mask, targets in loader:
+    shows_progress = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    start = last_print = time.time()
+    for i, (images, mask, targets) in enumerate(loader):
+        if shows_progress and time.time() - last_print > 10:  # long validation sets: a line every 10 s
+            last_print = time.time()
+            left = (len(loader) - i) * (last_print - start) / i
+            print(f"evaluating [{i}/{len(loader)}], {left:.0f} s left", flush=True)
         with amp_autocast(device, amp):
             outputs = model(images.to(device), mask.to(device))
         outputs = {k: at_least_float32(outputs[k]) for k in ("pred_logits", "pred_boxes")}

@@ -125,11 +125,12 @@ def partial(sums: dict, counts: dict) -> dict:
 
 def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int, device, ema: AveragedModel | None,
                     scaler: torch.amp.GradScaler, is_main: bool, first: int, total: int, sums: dict, counts: dict,
-                    clock: CheckpointClock, save) -> dict:
+                    clock: CheckpointClock, save, board=None) -> dict:
     """The epoch's iterations first..total-1 with train_step (the loader yields those). Adds every unweighted
     loss term to sums and counts; writes a checkpoint through save(epoch, next iteration, partial sums)
-    when the clock says so, and raises Stopped after one that a signal asked for. Returns the epoch's mean
-    of every term over all processes."""
+    when the clock says so, and raises Stopped after one that a signal asked for; `board`, a TensorBoard
+    SummaryWriter or None, gets the running means with each progress line. Returns the epoch's mean of
+    every term over all processes."""
     model.train()
     start = last_print = time.time()
     done = first  # iterations of this epoch finished
@@ -162,6 +163,12 @@ def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int
                 rate = (it + 1 - first) / (now - start)
                 main = {k: float(sums[k] / counts[k]) for k in ("loss", "loss_ce", "loss_bbox", "loss_giou")}
                 left = (total - it - 1 + (cfg.epochs - epoch - 1) * total) / rate
+                if board is not None:
+                    step = epoch * total + it + 1
+                    for name in sums:
+                        board.add_scalar(f"train/{name}", float(sums[name] / counts[name]), step)
+                    board.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                    board.add_scalar("train/iterations_per_second", rate, step)
                 print(f"epoch {epoch} [{it + 1}/{total}] loss {main['loss']:.3f} (ce {main['loss_ce']:.3f} "
                       f"bbox {main['loss_bbox']:.3f} giou {main['loss_giou']:.3f}) lr {optimizer.param_groups[0]['lr']:.2e} "
                       f"{rate:.2f} it/s, epoch ends in {(total - it - 1) / rate:.0f} s, training in "
@@ -189,6 +196,16 @@ def build_optimizer(model: DINO, cfg: Config) -> torch.optim.Optimizer:
                              weight_decay=cfg.weight_decay, fused=rest[0].is_cuda or None)
 
 
+def tensorboard_writer(folder: Path | None):
+    """TensorBoard's SummaryWriter for `folder` (None: only check that it can be had). TensorBoard is an
+    optional dependency: without it, --tensorboard is a one-line error before any work."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs TensorBoard: pip install tensorboard") from None
+    return SummaryWriter(str(folder)) if folder is not None else None
+
+
 def minutes(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -212,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--checkpoint-minutes", type=minutes, default=10.0, metavar="M",
                      help="also write checkpoint.pth every M minutes mid-epoch (0: at epoch ends only; default 10)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log every loss term, the lr, iterations/s and AP to OUTPUT_DIR/tensorboard "
+                          "(needs: pip install tensorboard)")
     run.add_argument("--demo", action="store_true", help="train a small model on generated shapes (CPU, ~10 min)")
     hyper = parser.add_argument_group("hyperparameters (config.py; defaults are the seed's)")
     for f in dataclasses.fields(Config):
@@ -239,6 +259,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: context
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     if not args.resume:  # every flag checked before any work (a resumed run's, once merged with its saved config)
         make_config(**({**DEMO, **given} if args.demo else given))
+    if args.tensorboard:
+        tensorboard_writer(None)
 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     device = device_from_flag(args.device)
@@ -400,6 +422,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: context
     if pending is not None:  # the last run stopped after an epoch's checkpoint, before its evaluation ended
         metrics = evaluate_and_save(start_epoch - 1, pending)
     signals = held.enter_context(StopSignals(log))
+    board = held.enter_context(tensorboard_writer(output_dir / "tensorboard")) if args.tensorboard and is_main else None
     clock = CheckpointClock(args.checkpoint_minutes, signals, device)
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.time()
@@ -408,7 +431,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: context
         try:
             losses = train_one_epoch(train_model, criterion, loader(train_set, True, epoch, skip), optimizer, cfg,
                                      epoch, device, ema, scaler, is_main, skip, iterations(epoch), sums, counts,
-                                     clock, save)
+                                     clock, save, board)
             record = {"epoch": epoch, "train": losses, "lr": optimizer.param_groups[0]["lr"],  # this epoch's
                       "seconds": time.time() - epoch_start,
                       "evaluate": (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs}
@@ -416,6 +439,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: context
             save(epoch, iterations(epoch), pending=dict(record))  # before the evaluation, which then cannot lose it
             metrics = evaluate_and_save(epoch, record) or metrics
             clock.written()
+            if board is not None:  # the epoch's means and its AP, at the step the epoch ended
+                step = (epoch + 1) * iterations(epoch)
+                for name, value in losses.items():
+                    board.add_scalar(f"epoch/{name}", value, step)
+                for name, value in record.get("val", {}).items():
+                    if name != "per_class_AP":
+                        board.add_scalar(f"val/{name}", value, step)
             if clock.due()[1] and epoch + 1 < cfg.epochs:  # a stop asked for during the epoch's last step or evaluation
                 raise clock.stopped(f"after epoch {epoch}")
         except NonFiniteLoss as e:

@@ -45,8 +45,9 @@ def same_losses(log: list[dict], straight: list[dict]):
         assert r["train"] == s["train"]  # exactly: the same batches, augmentations and random draws
 
 
-def test_sigterm_mid_epoch_then_resume_gives_the_losses_of_a_run_that_never_stopped(shapes, straight, tmp_path,
-                                                                                    monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_mid_epoch_then_resume_gives_the_losses_of_a_run_that_never_stopped(shapes, straight, tmp_path, signum,
+                                                                                 monkeypatch, capsys):
     steps = []
     real_step = train.train_step
 
@@ -54,14 +55,15 @@ def test_sigterm_mid_epoch_then_resume_gives_the_losses_of_a_run_that_never_stop
         terms = real_step(*args, **kwargs)
         steps.append(1)
         if len(steps) == 3:  # the third iteration of epoch 0
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return terms
     monkeypatch.setattr(train, "train_step", step_then_signal)
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--data", str(shapes), "--output-dir", str(tmp_path), *FLAGS])
-    assert exit_info.value.code == 128 + signal.SIGTERM and len(steps) == 3  # the step finished, no further
+    assert exit_info.value.code == 128 + signum and len(steps) == 3  # the step finished, no further
     out = capsys.readouterr().out
-    assert "stopped by SIGTERM at epoch 0, iteration 3 of 4" in out and "resume with the same command and --resume" in out
+    assert f"stopped by {signal.Signals(signum).name} at epoch 0, iteration 3 of 4" in out
+    assert "resume with the same command and --resume" in out
     checkpoint = read_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert checkpoint["next"] == (0, 3) and checkpoint["partial"]["counts"]["loss"] == 3
     monkeypatch.setattr(train, "train_step", real_step)

@@ -260,3 +260,21 @@ def test_fine_tuning_from_our_checkpoint_takes_its_architecture(shapes, tmp_path
         train.main(["--data", str(shapes), "--output-dir", str(tmp_path / "c"), *data_only, "--hidden-dim", "96",
                     "--nheads", "4", "--pretrained", str(tmp_path / "a" / "checkpoint.pth")])
     assert f"{tmp_path / 'a' / 'checkpoint.pth'} does not fit this model" in capsys.readouterr().err
+
+
+def test_tensorboard_gets_every_loss_term_the_lr_speed_and_ap(shapes, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run(shapes, tmp_path, "--epochs", "1", "--tensorboard")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_giou_dn", "train/lr", "train/iterations_per_second", "epoch/loss_ce",
+            "val/AP", "val/AP50"} <= tags
+
+
+def test_tensorboard_missing_is_one_line_before_any_work(shapes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(SystemExit):
+        run(shapes, tmp_path / "out", "--tensorboard")
+    assert "--tensorboard needs TensorBoard: pip install tensorboard" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
