@@ -15,7 +15,7 @@ from torch import Tensor
 
 from backbone import Swin, build_backbone
 from config import ARCHITECTURE, Config, make_config
-from data import DataError
+from data import DataError, coco_category_names
 from model import DINO, build_dino
 
 # Official DINO parameter names (IDEA-Research/DINO, as in checkpoint0011_4scale.pth) -> ours. Applied in
@@ -223,7 +223,7 @@ def model_from_checkpoint(path: str, **overrides) -> tuple[DINO, Config, dict[in
         state = unwrap(checkpoint.get("model", checkpoint))
         backbone = "swinl" if any(k.startswith("backbone.0.patch_embed") for k in state) else "r50"
         cfg = make_config(backbone=backbone, num_classes=num_classes_of(state) or 91, **overrides)
-        categories = {}
+        categories = coco_category_names() if cfg.num_classes == 91 else {}  # the release checkpoints' classes
     model = build_dino(**dataclasses.asdict(cfg))
     load_checkpoint(model, state)
     return model, cfg, categories

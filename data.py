@@ -12,6 +12,7 @@ augmented image's size; crowd annotations are left out of the training targets, 
 to the image and empty ones dropped. Images without annotations are kept.
 """
 import contextlib
+import glob
 import io
 import json
 import math
@@ -331,6 +332,26 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=colour)
 
 
+def shapes_image(rng: random.Random, W: int, H: int, max_objects: int = 4) -> tuple[Image.Image, list]:
+    """A W x H picture of 1..max_objects non-overlapping coloured shapes on a textured background, drawn from
+    `rng`. Returns it and [((x1, y1, x2, y2), shape index into SHAPES)]."""
+    image = _background(rng, W, H)
+    draw = ImageDraw.Draw(image)
+    placed = []
+    for _ in range(rng.randint(1, max_objects)):
+        for _attempt in range(20):  # shapes do not overlap, so every box is fully visible
+            side = rng.randint(min(W, H) // 6, min(W, H) // 3)
+            w, h = side, int(side * rng.uniform(0.8, 1.25))
+            x, y = rng.randint(0, W - w), rng.randint(0, min(H - h, H - 1))
+            box = (x, y, x + w, min(y + h, H))
+            if all(box[2] <= p[0] or p[2] <= box[0] or box[3] <= p[1] or p[3] <= box[1] for p, _ in placed):
+                placed.append((box, rng.randrange(len(SHAPES))))
+                break
+    for box, shape in placed:
+        _draw_shape(draw, SHAPES[shape], box, tuple(rng.randrange(0, 256) for _ in range(3)))
+    return image, placed
+
+
 def make_shapes_dataset(root: str | Path, num_train: int = 400, num_val: int = 100, size: tuple[int, int] = (160, 224),
                         max_objects: int = 4, seed: int = 0) -> Path:
     """Write a COCO-format dataset of coloured squares, circles and triangles (category ids 1..3) on
@@ -344,20 +365,8 @@ def make_shapes_dataset(root: str | Path, num_train: int = 400, num_val: int = 1
         images, annotations = [], []
         for image_id in range(1, count + 1):
             W, H = rng.randint(*size), rng.randint(*size)
-            image = _background(rng, W, H)
-            draw = ImageDraw.Draw(image)
-            placed = []
-            for _ in range(rng.randint(1, max_objects)):
-                for _attempt in range(20):  # shapes do not overlap, so every box is fully visible
-                    side = rng.randint(min(W, H) // 6, min(W, H) // 3)
-                    w, h = side, int(side * rng.uniform(0.8, 1.25))
-                    x, y = rng.randint(0, W - w), rng.randint(0, min(H - h, H - 1))
-                    box = (x, y, x + w, min(y + h, H))
-                    if all(box[2] <= p[0] or p[2] <= box[0] or box[3] <= p[1] or p[3] <= box[1] for p, _ in placed):
-                        placed.append((box, rng.randrange(len(SHAPES))))
-                        break
+            image, placed = shapes_image(rng, W, H, max_objects)
             for box, shape in placed:
-                _draw_shape(draw, SHAPES[shape], box, tuple(rng.randrange(0, 256) for _ in range(3)))
                 x1, y1, x2, y2 = box
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": shape + 1,
                                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
@@ -368,6 +377,34 @@ def make_shapes_dataset(root: str | Path, num_train: int = 400, num_val: int = 1
         (root / "annotations" / f"instances_{split}2017.json").write_text(
             json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return root
+
+
+def coco_category_names() -> dict[int, str]:
+    """The 80 COCO 2017 categories by id (1..90, with gaps), as official DINO's 91 classes number them;
+    from torchvision's table."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+    names = FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]  # indexed by id, "N/A" in the gaps
+    return {i: name for i, name in enumerate(names) if name not in ("__background__", "N/A")}
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_files(items: list[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns (`photos/**/*.jpg`) -> image files, in order;
+    a DataError names an item that gives none."""
+    files = []
+    for item in items:
+        if any(c in item for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        elif Path(item).is_dir():
+            found = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found = [Path(item)]
+        if not found:
+            raise DataError(f"--image {item}: no image files there")
+        files += found
+    return files
 
 
 def coco_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:

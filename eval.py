@@ -2,7 +2,7 @@
 
     python eval.py CKPT [--data DIR | --val-images DIR --val-json FILE] [--output-dir DIR]
     python eval.py CKPT --data DIR --vis 8 --score-thr 0.3     # also save 8 pictures with detections
-    python eval.py CKPT --image a.jpg b.png                    # detections on any images
+    python eval.py CKPT --image a.jpg photos/ "more/*.png"    # detections on any images: files, folders, globs
 
 Prints the COCO box metrics (AP, AP50, AP75, APs, APm, APl and AP per class) and writes them to
 OUTPUT_DIR/metrics.json. CKPT is one of ours (train.py) or an official DINO-4scale release
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
-from torchvision.utils import draw_bounding_boxes
 
 from checkpoints import model_from_checkpoint
 from config import Config, ConfigError
-from data import CocoDetection, DataError, collate, eval_canvas, make_transforms, read_image, split_paths
+from data import CocoDetection, DataError, collate, eval_canvas, image_files, make_transforms, read_image, split_paths
 from model import postprocess
 from precision import amp_autocast, at_least_float32
 
@@ -107,7 +107,7 @@ def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict:
     if not detections:
         return metrics
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own tables
-        coco_dt = coco_gt.loadRes(detections)
+        coco_dt = coco_gt.loadRes([dict(d) for d in detections])  # loadRes adds keys to the dicts it is given
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
         evaluator.params.imgIds = sorted(image_ids)
         evaluator.evaluate()
@@ -146,6 +146,16 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_select: i
              amp: bool = False) -> dict | None:
     """COCO metrics of `model` on the loader's CocoDetection dataset; under torch.distributed each
     process evaluates its share and rank 0 returns the metrics (the others None)."""
+    predicted = predict(model, loader, device, num_select, amp)
+    return coco_metrics(loader.dataset.coco, *predicted) if predicted is not None else None
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: torch.device, num_select: int = Config.num_select,
+            amp: bool = False) -> tuple[list[dict], list[int]] | None:
+    """The detections of `model` on the loader's CocoDetection dataset as COCO results (what pycocotools'
+    loadRes and the COCO test-dev server take), and the image ids they cover; under torch.distributed,
+    rank 0 returns every process's (the others None)."""
     dataset = loader.dataset
     model.eval()
     results, image_ids = [], []
@@ -175,10 +185,12 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_select: i
             results += [r for r in rank_results if r["image_id"] in fresh]
             image_ids += sorted(fresh)
             seen |= fresh
-    return coco_metrics(dataset.coco, results, image_ids)
+    return results, image_ids
 
 
 # --- pictures, command line ---------------------------------------------------------------
+
+LABEL_COLOUR = (220, 30, 30)
 
 def picture_names(paths: list[str]) -> list[str]:
     """A distinct file name stem for each input image: its own stem, or where two share one (a/img.jpg and
@@ -188,15 +200,23 @@ def picture_names(paths: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
-def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], score_thr: float) -> Tensor:
-    """image (3, H, W) uint8; detection from postprocess in the image's pixels. Returns (3, H, W) uint8."""
-    keep = detection["scores"] >= score_thr
-    if not keep.any():
-        return image
-    labels = [f"{categories.get(int(l), int(l))} {float(s):.2f}"
-              for l, s in zip(detection["labels"][keep], detection["scores"][keep])]
-    width = max(1, round(max(image.shape[1:]) / 300))
-    return draw_bounding_boxes(image, detection["boxes"][keep], labels, colors="red", width=width)
+def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], score_thr: float) -> Image.Image:
+    """image (3, H, W) uint8; detection from postprocess in the image's pixels. The boxes and their labels
+    scale with the image, so that a 4000-pixel picture reads as a 400-pixel one does."""
+    picture = TF.to_pil_image(image)
+    draw = ImageDraw.Draw(picture)
+    side = max(picture.size)
+    width, font = max(1, round(side / 300)), ImageFont.load_default(size=max(10, round(side / 40)))
+    keep = (detection["scores"] >= score_thr).nonzero().flatten().tolist()
+    for i in reversed(keep):  # the best drawn last, on top
+        box = detection["boxes"][i].tolist()
+        text = f"{categories.get(int(detection['labels'][i]), int(detection['labels'][i]))} {float(detection['scores'][i]):.2f}"
+        draw.rectangle(box, outline=LABEL_COLOUR, width=width)
+        x1, y1, x2, y2 = draw.textbbox((box[0], box[1]), text, font=font)
+        top = box[1] - (y2 - y1) - 2 * width if box[1] - (y2 - y1) - 2 * width >= 0 else box[1]  # above, if it fits
+        draw.rectangle([x1, top, x2 + 2 * width, top + (y2 - y1) + 2 * width], fill=LABEL_COLOUR)
+        draw.text((box[0] + width, top + width - (y1 - box[1])), text, fill="white", font=font)
+    return picture
 
 
 @torch.no_grad()
@@ -212,7 +232,8 @@ def detect_images(model: torch.nn.Module, cfg: Config, images: list[Tensor], dev
         with amp_autocast(device, amp):
             out = model(batch.to(device), mask.to(device))
         out = {k: at_least_float32(out[k]) for k in ("pred_logits", "pred_boxes")}
-        detections.append({k: v.cpu() for k, v in postprocess(out, [image.shape[1:]], cfg.num_select)[0].items()})
+        detected = postprocess(out, [image.shape[1:]], cfg.num_select, clip=True)[0]  # boxes inside the image
+        detections.append({k: v.cpu() for k, v in detected.items()})
     return detections
 
 
@@ -222,7 +243,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--data", help="COCO-layout folder (val2017/, annotations/instances_val2017.json)")
     parser.add_argument("--val-images", help="image folder, with --val-json, for any other layout")
     parser.add_argument("--val-json", help="COCO-format annotation file of --val-images")
-    parser.add_argument("--image", nargs="+", default=[], metavar="FILE", help="run on these images instead")
+    parser.add_argument("--image", nargs="+", default=[], metavar="FILE",
+                        help="run on these images instead: files, folders, glob patterns ('photos/**/*.jpg')")
+    parser.add_argument("--save-results", metavar="FILE",
+                        help="also write the detections as COCO results JSON (what the COCO test-dev server takes), "
+                             "in --output-dir unless FILE is absolute")
     parser.add_argument("--output-dir", default="eval_output")
     parser.add_argument("--vis", type=int, default=0, metavar="N", help="save N validation images with detections")
     parser.add_argument("--score-thr", type=float, default=0.3, help="score threshold of the drawn detections")
@@ -254,15 +279,16 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
         model = CompiledModel(model, mode="reduce-overhead" if device.type == "cuda" else None)  # + CUDA graphs
 
     if args.image:
-        images = [TF.pil_to_tensor(read_image(Path(path), None)) for path in args.image]
+        files = image_files(args.image)
+        images = [TF.pil_to_tensor(read_image(path, None)) for path in files]
         detections = detect_images(model, cfg, images, device, args.amp, canvas)
-        for path, name, image, det in zip(args.image, picture_names(args.image), images, detections):
+        for path, name, image, det in zip(files, picture_names([str(f) for f in files]), images, detections):
             keep = det["scores"] >= args.score_thr
             print(f"{path}: {int(keep.sum())} detections with score >= {args.score_thr}")
             for s, l, b in zip(det["scores"][keep], det["labels"][keep], det["boxes"][keep]):
                 print(f"  {categories.get(int(l), int(l))}  {float(s):.3f}  x1y1x2y2 {[round(v, 1) for v in b.tolist()]}")
             out = output_dir / f"{name}_detections.png"
-            TF.to_pil_image(draw_detections(image, det, categories, args.score_thr)).save(out)
+            draw_detections(image, det, categories, args.score_thr).save(out)
             print(f"  drawn in {out}")
         return
 
@@ -273,10 +299,15 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
     dataset = CocoDetection(images_dir, ann_file, make_transforms(train=False, scale=cfg.scale))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                          collate_fn=functools.partial(collate, canvas=canvas))
-    metrics = evaluate(model, loader, device, cfg.num_select, args.amp)
+    results, image_ids = predict(model, loader, device, cfg.num_select, args.amp)
+    metrics = coco_metrics(dataset.coco, results, image_ids)
     print(format_metrics(metrics))
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {output_dir / 'metrics.json'}")
+    if args.save_results:
+        path = output_dir / args.save_results  # an absolute FILE replaces output_dir
+        path.write_text(json.dumps(results))
+        print(f"wrote {len(results)} detections of {len(image_ids)} images to {path}")
     if args.vis:
         save_pictures(model, cfg, dataset, args.vis, args.score_thr, output_dir / "vis", device, args.amp, canvas)
 
@@ -293,7 +324,7 @@ def save_pictures(model: torch.nn.Module, cfg: Config, dataset: CocoDetection, c
         path = dataset.image_dir / info["file_name"]
         image = TF.pil_to_tensor(read_image(path, (info["width"], info["height"]) if "width" in info else None))
         saved.append(folder / f"{path.stem}.png")
-        TF.to_pil_image(draw_detections(image, detect_images(model, cfg, [image], device, amp, canvas)[0], names, score_thr)).save(saved[-1])
+        draw_detections(image, detect_images(model, cfg, [image], device, amp, canvas)[0], names, score_thr).save(saved[-1])
     return saved
 
 

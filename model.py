@@ -413,18 +413,33 @@ def build_dino(backbone: str = "r50", num_classes: int = 91, pretrained_backbone
 
 
 @torch.no_grad()
-def postprocess(outputs: dict, target_sizes, num_select: int = Config.num_select) -> list[dict]:
-    """The num_select best (query, class) pairs of each image, over all Q*K sigmoid scores, as in
-    official DINO. target_sizes (B, 2) (height, width) of the original images.
-    Returns per image {"scores": (n,), "labels": (n,), "boxes": (n, 4) absolute x1y1x2y2}."""
-    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+def select_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor, num_select: int = Config.num_select,
+                      clip: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The num_select best (query, class) pairs of each image, over all Q*K sigmoid scores, as in official
+    DINO. logits (B, Q, K), boxes (B, Q, 4) cxcywh in [0, 1] of each image, target_sizes (B, 2) (height,
+    width) of the original images. Returns scores (B, n), labels (B, n), boxes (B, n, 4) x1y1x2y2 in the
+    original pixels, n = min(num_select, Q * K); with `clip`, the boxes clipped to the image (official DINO,
+    and the COCO evaluation here, leave them as predicted). Tensors in, tensors out: export.py traces it."""
     B, Q, K = logits.shape
-    target_sizes = torch.as_tensor(target_sizes).to(boxes.device, non_blocking=True)  # no wait for the forward
-    if target_sizes.shape != (B, 2):
-        raise ValueError(f"target_sizes must be (batch, 2) = ({B}, 2) (height, width), got {tuple(target_sizes.shape)}")
-    scores, index = logits.sigmoid().view(B, -1).topk(min(num_select, Q * K), dim=1)
+    scores, index = logits.sigmoid().reshape(B, Q * K).topk(min(num_select, Q * K), dim=1)
     query, labels = index // K, index % K
     boxes_xyxy = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))
     h, w = target_sizes.to(boxes.dtype).unbind(1)
-    boxes_xyxy = boxes_xyxy * torch.stack([w, h, w, h], 1)[:, None]
+    size = torch.stack([w, h, w, h], 1)[:, None]  # (B, 1, 4)
+    boxes_xyxy = boxes_xyxy * size
+    if clip:
+        boxes_xyxy = torch.minimum(boxes_xyxy.clamp(min=0), size)
+    return scores, labels, boxes_xyxy
+
+
+@torch.no_grad()
+def postprocess(outputs: dict, target_sizes, num_select: int = Config.num_select, clip: bool = False) -> list[dict]:
+    """select_detections on the model's outputs, per image {"scores": (n,), "labels": (n,), "boxes": (n, 4)
+    absolute x1y1x2y2}. target_sizes (B, 2) (height, width) of the original images."""
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    B = logits.shape[0]
+    target_sizes = torch.as_tensor(target_sizes).to(boxes.device, non_blocking=True)  # no wait for the forward
+    if target_sizes.shape != (B, 2):
+        raise ValueError(f"target_sizes must be (batch, 2) = ({B}, 2) (height, width), got {tuple(target_sizes.shape)}")
+    scores, labels, boxes_xyxy = select_detections(logits, boxes, target_sizes, num_select, clip)
     return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes_xyxy)]

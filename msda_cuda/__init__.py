@@ -227,8 +227,11 @@ KERNEL_DEVICE_TYPES = ("cuda",)
 
 
 def _use_kernel(value: Tensor) -> bool:
+    """Whether the kernel computes this call: never while tracing (ONNX export: the reference's grid_sample
+    is what an exported graph can hold)."""
     return (value.device.type in KERNEL_DEVICE_TYPES and os.environ.get("DINO_MSDA") != "reference"
-            and _kernel_covers(value) and _kernel() is not None and _kernel_trusted(value))
+            and not torch.jit.is_tracing() and _kernel_covers(value) and _kernel() is not None
+            and _kernel_trusted(value))
 
 
 def _run(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,

@@ -152,6 +152,7 @@ def test_official_checkpoint_is_recognised(tmp_path):
     official = fake_official_state_dict(json.loads((REFERENCE / "official_r50_keys.json").read_text()))
     torch.save({"model": official, "args": argparse.Namespace(backbone="resnet50")}, tmp_path / "o.pth")
     model, cfg, categories = model_from_checkpoint(str(tmp_path / "o.pth"))
-    assert (cfg.backbone, cfg.num_classes, categories) == ("r50", 91, {})
+    assert (cfg.backbone, cfg.num_classes, len(categories)) == ("r50", 91, 80)  # COCO's names, by id
+    assert (categories[1], categories[13], categories[90]) == ("person", "stop sign", "toothbrush") and 12 not in categories
     assert torch.equal(model.class_head.weight, official["class_embed.0.weight"])
 

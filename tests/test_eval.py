@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -56,18 +57,25 @@ def test_eval_command_on_a_trained_checkpoint(shapes, tmp_path):
     out = tmp_path / "eval"
     result = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "run" / "checkpoint.pth"),
                              "--data", str(shapes), "--output-dir", str(out), "--vis", "2", "--score-thr", "0.0",
-                             "--num-workers", "0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                             "--num-workers", "0", "--save-results", "results.json"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics)
     assert set(metrics["per_class_AP"]) == {"square", "circle", "triangle"}
     assert "AP50" in result.stdout and "triangle" in result.stdout
     assert len(list((out / "vis").glob("*.png"))) == 2
+    results = json.loads((out / "results.json").read_text())  # COCO results, as the test-dev server takes them
+    assert results and set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+    from data import load_coco
+    load_coco(shapes / "annotations" / "instances_val2017.json").loadRes(results)
     result = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "run" / "checkpoint.pth"),
-                             "--image", str(image), "--output-dir", str(out), "--score-thr", "0.0"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+                             "--image", str(image), str(shapes / "train2017"), "--output-dir", str(out),
+                             "--score-thr", "0.0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{image}:" in result.stdout and (out / f"{image.stem}_detections.png").exists()
+    inputs = 1 + len(list((shapes / "train2017").iterdir()))  # val2017/000001.jpg and train2017/000001.jpg too
+    assert f"{image}:" in result.stdout and result.stdout.count(" detections with score >= 0.0") == inputs
+    assert len(list(out.glob("*_detections.png"))) == inputs  # none drawn over another
     eager = result.stdout
     result = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "run" / "checkpoint.pth"),
                              "--image", str(image), "--output-dir", str(out), "--score-thr", "0.0", "--compile"],
@@ -84,3 +92,29 @@ def test_pictures_of_images_with_the_same_name_do_not_overwrite_each_other():
     assert picture_names(["a/img.jpg", "b/img.jpg", "c.png"]) == ["a_img", "b_img", "c"]
     names = picture_names(["x/d.jpg", "x/d.png", "d.gif"])
     assert len(set(names)) == 3
+
+
+def test_image_arguments_take_files_folders_and_globs(tmp_path):
+    from data import DataError, image_files
+    for name in ("b.jpg", "a.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.jpg").write_bytes(b"")
+    assert image_files([str(tmp_path)]) == [tmp_path / "a.png", tmp_path / "b.jpg"]
+    assert image_files([str(tmp_path / "**" / "*.jpg")]) == [tmp_path / "b.jpg", tmp_path / "sub" / "c.jpg"]
+    assert image_files([str(tmp_path / "notes.txt")]) == [tmp_path / "notes.txt"]  # a file is taken as given
+    with pytest.raises(DataError, match=r"--image .*\*.gif: no image files"):
+        image_files([str(tmp_path / "*.gif")])
+
+
+def test_labels_scale_with_the_picture():
+    """The label of a box covers the same share of a 4000-pixel picture as of a 400-pixel one."""
+    from eval import LABEL_COLOUR, draw_detections
+    shares = []
+    for side in (400, 4000):
+        image = torch.full((3, side, side), 128, dtype=torch.uint8)
+        detection = {"scores": torch.tensor([0.9]), "labels": torch.tensor([1]),
+                     "boxes": torch.tensor([[0.3, 0.3, 0.6, 0.6]]) * side}
+        pixels = torch.as_tensor(np.array(draw_detections(image, detection, {1: "person"}, 0.5)))
+        shares.append((pixels == torch.tensor(LABEL_COLOUR)).all(-1).float().mean().item())
+    assert 0.5 < shares[1] / shares[0] < 2, shares

@@ -5,12 +5,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # bottom to top
-    {"config", "precision"},
+    {"config", "precision", "onnx_detect"},
     {"msda_cuda"},
     {"backbone", "deformable_attn", "denoising", "matcher", "data", "runs"},
     {"model", "losses"},
     {"checkpoints"},
-    {"eval"},
+    {"eval", "export"},
     {"train"},
 ]
 

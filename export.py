@@ -1,0 +1,192 @@
+"""Export a trained DINO to ONNX: the whole detector, from images to post-processed detections.
+
+    python export.py CKPT [--output dino.onnx] [--height 800 --width 1333] [--batch N | --dynamic-batch] [--opset 17]
+
+CKPT is one of ours or an official DINO-4scale release checkpoint (R50 or Swin-L). The graph takes
+    images       (B, 3, H, W) uint8 RGB: each image scaled to fit H x W with its aspect ratio kept, at
+                 the top left, zero-padded (letterboxed: onnx_detect.letterbox)
+    valid_sizes  (B, 2) int64: the (height, width) each image fills
+    orig_sizes   (B, 2) int64: the (height, width) of each original image
+and gives, best first, N = num_select (300) of each image's detections:
+    scores (B, N) float32, labels (B, N) int64 category ids, boxes (B, N, 4) float32 x1y1x2y2 in the
+    original image's pixels, clipped to it.
+It computes what `model(images, mask)` computes on the same padded batch, the mask being the padding:
+normalisation, the model, and model.select_detections, all in the graph.
+
+How (plumbing, not the paper): torch's TorchScript-based exporter (`dynamo=False`), which writes opset
+17 itself (LayerNormalization as one op; GridSample since 16) and traces R50 in seconds; the level
+layout, anchors and reference points are constants of the fixed input size, top-k takes a constant k,
+and the deformable attention goes through the PyTorch reference (F.grid_sample), never the CUDA kernel.
+After writing the file, export.py runs it in ONNX Runtime on random images and on a generated one and
+compares the detections with PyTorch's (`compare_detections`); it exits non-zero if they differ.
+"""
+import argparse
+import importlib.util
+import random
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from checkpoints import model_from_checkpoint
+from config import ConfigError
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, shapes_image
+from model import select_detections
+from onnx_detect import letterbox
+
+INPUTS, OUTPUTS = ["images", "valid_sizes", "orig_sizes"], ["scores", "labels", "boxes"]
+
+
+class Mismatch(Exception):
+    """The exported file does not compute what PyTorch computes."""
+
+
+class Deployable(nn.Module):
+    """The detector as export.py writes it: uint8 letterboxed images, their valid and original sizes ->
+    scores, labels, boxes (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, num_select: int):
+        super().__init__()
+        self.model, self.num_select = model.eval(), num_select
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor, valid_sizes: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        _, _, H, W = images.shape
+        rows = torch.arange(H, device=images.device)[None, :, None]
+        cols = torch.arange(W, device=images.device)[None, None, :]
+        mask = (rows >= valid_sizes[:, :1, None]) | (cols >= valid_sizes[:, 1:, None])  # (B, H, W) True on padding
+        x = (images.float() / 255 - self.mean) / self.std  # data.make_transforms' normalisation
+        out = self.model(x.masked_fill(mask[:, None], 0.0), mask)  # padded with zeros after it, as data.collate
+        return select_detections(out["pred_logits"], out["pred_boxes"], orig_sizes, self.num_select, clip=True)
+
+
+def export(deployable: Deployable, path: Path, height: int, width: int, batch: int, dynamic_batch: bool,
+           opset: int) -> float:
+    """Write the ONNX file; returns the seconds it took."""
+    example = random_inputs(batch, height, width, seed=0)
+    start = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        # tracing warns at every shape it turns into a constant: fixed input sizes are the point
+        warnings.simplefilter("ignore")
+        torch.onnx.export(deployable, example, str(path), dynamo=False, opset_version=opset,
+                          input_names=INPUTS, output_names=OUTPUTS, do_constant_folding=True,
+                          dynamic_axes={name: {0: "batch"} for name in INPUTS + OUTPUTS} if dynamic_batch else None)
+    return time.perf_counter() - start
+
+
+def random_inputs(batch: int, height: int, width: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Letterboxed random images of random aspect ratios: (images, valid_sizes, orig_sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(batch, 3, height, width, dtype=torch.uint8)
+    valid, orig = [], []
+    for b in range(batch):
+        h0, w0 = (int(v) for v in torch.randint(64, 2000, (2,), generator=g))
+        scale = min(height / h0, width / w0)
+        h, w = max(1, round(h0 * scale)), max(1, round(w0 * scale))
+        images[b, :, :h, :w] = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        valid.append((h, w))
+        orig.append((h0, w0))
+    return images, torch.tensor(valid), torch.tensor(orig)
+
+
+def generated_inputs(batch: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A generated picture of coloured shapes (data.shapes_image), letterboxed as onnx_detect does, in every
+    slot of the batch."""
+    image, _ = shapes_image(random.Random(0), 560, 420)
+    pixels, valid = letterbox(image, height, width)
+    return (torch.from_numpy(pixels)[None].repeat(batch, 1, 1, 1), torch.tensor([valid] * batch),
+            torch.tensor([[image.height, image.width]] * batch))
+
+
+def compare_detections(got: tuple, want: tuple, orig_sizes: Tensor, tol: float = 1e-4) -> dict:
+    """How far ONNX Runtime's detections (`got`) are from PyTorch's (`want`), both (scores, labels, boxes).
+
+    A detection of `want` is matched by one of `got` with the same label, a score within `tol` and a box
+    within `tol` (in units of the image size), one to one, wherever it ranks: rounding may order near-tied
+    scores differently. Some may find no match at all: the model keeps 900 of its encoder's tokens by
+    score (mixed query selection), and where the 900th and 901st are near-tied, the two runs can keep
+    different ones, whose detections then differ. Returns the share of `want`'s detections matched and
+    the largest score and box differences among the matched."""
+    matched, total, worst_score, worst_box = 0, 0, 0.0, 0.0
+    for b in range(len(orig_sizes)):
+        s1, l1, x1 = (torch.as_tensor(t[b]) for t in got)
+        s2, l2, x2 = (torch.as_tensor(t[b]) for t in want)
+        h, w = orig_sizes[b].tolist()
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        box_gap = (x2[:, None] - x1[None]).abs().div(scale).amax(-1)  # (want, got)
+        score_gap = (s2[:, None] - s1[None]).abs()
+        close = (l2[:, None] == l1[None]) & (box_gap <= tol) & (score_gap <= tol)
+        free = torch.ones(len(s1), dtype=torch.bool)
+        for i in range(len(s2)):
+            candidates = (close[i] & free).nonzero().flatten()
+            if len(candidates):
+                j = candidates[score_gap[i, candidates].argmin()]
+                free[j] = False
+                matched += 1
+                worst_score, worst_box = max(worst_score, score_gap[i, j].item()), max(worst_box, box_gap[i, j].item())
+        total += len(s2)
+    return {"matched": matched / max(total, 1), "score": worst_score, "box": worst_box}
+
+
+def check(path: Path, deployable: Deployable, height: int, width: int, batch: int, tol: float = 1e-4,
+          least_matched: float = 0.9) -> list[str]:
+    """Run the file in ONNX Runtime on random and generated inputs and compare with PyTorch
+    (compare_detections); returns the report's lines; raises Mismatch when fewer than `least_matched` of
+    PyTorch's detections are matched within `tol`. (A randomly initialised R50 on random pixels, the
+    worst case for near ties in the query selection, matched 98.0% at 800x1333; a tiny model, 100%.)"""
+    import onnxruntime  # checked by main
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    lines, failed = [], []
+    for name, inputs in (("random images", random_inputs(batch, height, width, seed=1)),
+                         ("generated image", generated_inputs(batch, height, width))):
+        with torch.no_grad():
+            want = [t.numpy() for t in deployable(*inputs)]
+        got = session.run(OUTPUTS, {k: v.numpy() for k, v in zip(INPUTS, inputs)})
+        diff = compare_detections(got, want, inputs[2], tol)
+        lines.append(f"{name}: {100 * diff['matched']:.1f}% of the detections matched within {tol:g}, largest "
+                     f"differences among them: score {diff['score']:.1e}, box {diff['box']:.1e} (of the image size)")
+        if diff["matched"] < least_matched:
+            failed.append(name)
+    if failed:
+        raise Mismatch(f"ONNX Runtime and PyTorch disagree on the {' and '.join(failed)} (fewer than "
+                       f"{100 * least_matched:.0f}% of the detections matched):\n" + "\n".join(lines))
+    return lines
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:4]))
+    parser.add_argument("checkpoint", help="ours (train.py) or an official DINO-4scale release checkpoint")
+    parser.add_argument("--output", default="dino.onnx")
+    parser.add_argument("--height", type=int, default=800, help="the fixed input height (default 800)")
+    parser.add_argument("--width", type=int, default=1333, help="the fixed input width (default 1333)")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=1, help="a fixed batch size (default 1)")
+    batch.add_argument("--dynamic-batch", action="store_true", help="any batch size")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    args = parser.parse_args(argv)
+    if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):
+        parser.exit(2, "export.py needs ONNX and ONNX Runtime: pip install onnx onnxruntime\n")
+    try:
+        for flag, value, least in (("--height", args.height, 32), ("--width", args.width, 32), ("--batch", args.batch, 1),
+                                   ("--opset", args.opset, 17)):
+            if value < least:
+                raise ConfigError(f"{flag} must be >= {least}, got {value}")
+        model, cfg, _ = model_from_checkpoint(args.checkpoint)
+        deployable = Deployable(model, cfg.num_select)
+        path = Path(args.output)
+        seconds = export(deployable, path, args.height, args.width, args.batch, args.dynamic_batch, args.opset)
+        print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.0f} MiB, opset {args.opset}, {args.height}x{args.width}, "
+              f"batch {'dynamic' if args.dynamic_batch else args.batch}) in {seconds:.0f} s")
+        checked = 3 if args.dynamic_batch else args.batch  # a dynamic batch is checked with three images
+        for line in check(path, deployable, args.height, args.width, checked):
+            print("  ONNX Runtime against PyTorch, " + line)
+    except (ConfigError, DataError, FileNotFoundError, Mismatch) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

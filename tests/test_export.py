@@ -1,0 +1,141 @@
+"""export.py and onnx_detect.py: a DINO leaves PyTorch as one ONNX graph, images to detections, and ONNX
+Runtime then gives PyTorch's detections; the deployment example needs no torch."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import export
+from checkpoints import convert_official_state_dict
+from conftest import tiny_dino
+from model import build_dino, postprocess
+from test_checkpoints import REFERENCE, fake_official_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+H, W = 96, 128  # the tiny model's export size
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    model = tiny_dino(num_classes=5)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save({"model": model.state_dict(), "config": dict(model.cfg.__dict__)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint):
+    """The tiny model exported with a dynamic batch (checked by export.py itself on three images)."""
+    path = tiny_checkpoint.with_suffix(".onnx")
+    export.main([str(tiny_checkpoint), "--output", str(path), "--height", str(H), "--width", str(W), "--dynamic-batch"])
+    return path, export.check(path, export.Deployable(load_tiny(tiny_checkpoint), 300), H, W, batch=3)
+
+
+def load_tiny(path):
+    model = tiny_dino(num_classes=5)
+    model.load_state_dict(torch.load(path)["model"])
+    return model
+
+
+def test_the_deployable_detector_is_the_model_on_the_padded_batch():
+    """Deployable's uint8 letterboxed images and valid sizes mean what model(images, mask) means."""
+    model = tiny_dino().eval()
+    images, valid, orig = export.random_inputs(3, H, W, seed=4)
+    assert len({tuple(v) for v in valid.tolist()}) == 3  # three aspect ratios
+    with torch.no_grad():
+        scores, labels, boxes = export.Deployable(model, 50)(images, valid, orig)
+        mask = torch.ones(3, H, W, dtype=torch.bool)
+        for b, (h, w) in enumerate(valid.tolist()):
+            mask[b, :h, :w] = False
+        mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+        x = ((images.float() / 255 - mean) / std).masked_fill(mask[:, None], 0.0)
+        want = postprocess(model(x, mask), orig, 50, clip=True)
+    for b in range(3):
+        assert torch.equal(scores[b], want[b]["scores"]) and torch.equal(labels[b], want[b]["labels"])
+        assert torch.equal(boxes[b], want[b]["boxes"])
+        h, w = orig[b].tolist()
+        assert (boxes[b] >= 0).all() and (boxes[b][:, 0::2] <= w).all() and (boxes[b][:, 1::2] <= h).all()
+
+
+def test_onnx_runtime_gives_pytorchs_detections_for_batch_1_and_a_dynamic_batch_of_3(tiny_checkpoint, exported, capsys):
+    path, report = exported
+    assert report[0].startswith("random images: 100.0% of the detections matched within 0.0001"), report
+    fixed = tiny_checkpoint.with_name("fixed.onnx")
+    export.main([str(tiny_checkpoint), "--output", str(fixed), "--height", str(H), "--width", str(W)])
+    assert "generated image: 100.0% of the detections matched" in capsys.readouterr().out
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path))
+    deployable = export.Deployable(load_tiny(tiny_checkpoint), 300)
+    for batch in (1, 3):
+        inputs = export.random_inputs(batch, H, W, seed=batch)
+        with torch.no_grad():
+            want = [t.numpy() for t in deployable(*inputs)]
+        got = session.run(export.OUTPUTS, {k: v.numpy() for k, v in zip(export.INPUTS, inputs)})
+        diff = export.compare_detections(got, want, inputs[2])
+        assert diff["matched"] == 1.0 and diff["score"] <= 1e-4 and diff["box"] <= 1e-4
+
+
+def test_compare_detections_forgives_reordered_ties_not_wrong_boxes():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.tensor([[0.9, 0.5, 0.5, 0.3]])
+    labels, boxes = torch.tensor([[1, 2, 3, 1]]), torch.rand(1, 4, 4, generator=g) * 100
+    sizes = torch.tensor([[100, 100]])
+    swapped = [t[:, [0, 2, 1, 3]] for t in (scores, labels, boxes)]  # a tie in another order
+    assert export.compare_detections(swapped, (scores, labels, boxes), sizes)["matched"] == 1.0
+    moved = (scores, labels, boxes + torch.tensor([0.0, 0.0, 0.0, 1.0]))  # 1 px on a 100 px image
+    assert export.compare_detections(moved, (scores, labels, boxes), sizes)["matched"] == 0.0
+
+
+def test_an_official_checkpoint_exports(tmp_path, capsys):
+    """Official names and layout (reference/), with the values of an initialised model: random values
+    everywhere would overflow."""
+    official = fake_official_state_dict(json.loads((REFERENCE / "official_r50_keys.json").read_text()))
+    values = build_dino("r50").state_dict()
+    official = {k: values[next(iter(convert_official_state_dict({k: v})))] for k, v in official.items()}
+    torch.save({"model": official}, tmp_path / "checkpoint0011_4scale.pth")
+    export.main([str(tmp_path / "checkpoint0011_4scale.pth"), "--output", str(tmp_path / "official.onnx"),
+                 "--height", "256", "--width", "320"])  # enough tokens for 900 queries
+    out = capsys.readouterr().out
+    assert "wrote" in out and "generated image:" in out
+
+
+TORCH_FREE = """
+import sys
+sys.modules["torch"] = None  # any import of torch fails
+sys.path.insert(0, {root!r})
+from PIL import Image
+import onnx_detect
+session = onnx_detect.load({model!r})
+print(onnx_detect.detect(session, Image.open({image!r}), score_thr=0.0)[:3])
+sys.argv = ["onnx_detect.py", {model!r}, {image!r}, "--score-thr", "0"]
+onnx_detect.main()
+"""
+
+
+def test_the_deployment_example_needs_no_torch(exported, tmp_path):
+    import random
+    from data import shapes_image
+    image, _ = shapes_image(random.Random(1), 200, 150)
+    image.save(tmp_path / "shapes.png")
+    script = TORCH_FREE.format(root=str(ROOT), model=str(exported[0]), image=str(tmp_path / "shapes.png"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("[(") and "shapes.png: 150 detections with score >= 0.0" in result.stdout  # 30 x 5
+
+
+def test_missing_onnx_runtime_is_one_line_naming_the_pip_command(tiny_checkpoint, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(tiny_checkpoint), "--output", "never.onnx"])
+    assert exit_info.value.code == 2
+    assert "export.py needs ONNX and ONNX Runtime: pip install onnx onnxruntime" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    import onnx_detect
+    with pytest.raises(SystemExit, match="onnx_detect.py needs ONNX Runtime: pip install onnxruntime"):
+        onnx_detect.load("any.onnx")
