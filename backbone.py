@@ -192,7 +192,8 @@ class SwinStage(nn.Module):
         """(nW, w*w, w*w) additive mask: after the cyclic shift, tokens from different image regions
         share a window; they must not attend to each other (-100, as official Swin, not -inf)."""
         w, s = self.window_size, self.window_size // 2
-        Hp, Wp = -(-H // w) * w, -(-W // w) * w
+        Hp, Wp = (H + w - 1) // w * w, (W + w - 1) // w * w  # no negative floor division: traced (ONNX
+        # export), it would truncate towards zero
         region = like.new_zeros(1, Hp, Wp, 1)
         cnt = 0
         for hs in (slice(0, -w), slice(-w, -s), slice(-s, None)):
@@ -234,7 +235,7 @@ class SwinTransformer(nn.Module):
         self.num_channels = [dims[i] for i in self.out_indices]
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        x = F.pad(images, (0, -images.shape[-1] % 4, 0, -images.shape[-2] % 4))  # whole patches
+        x = F.pad(images, (0, (4 - images.shape[-1] % 4) % 4, 0, (4 - images.shape[-2] % 4) % 4))  # whole patches
         x = self.patch_embed.proj(x)  # (B, C, H/4, W/4)
         H, W = x.shape[-2:]
         x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))  # (B, H*W, C)

@@ -49,9 +49,10 @@ class Deployable(nn.Module):
 
     def __init__(self, model: nn.Module, num_select: int):
         super().__init__()
-        self.model, self.num_select = model.eval(), num_select
+        self.model, self.num_select = model, num_select
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval()  # for good: the exporter puts back the mode it found, and training mode turns on Swin's drop path
 
     def forward(self, images: Tensor, valid_sizes: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         _, _, H, W = images.shape

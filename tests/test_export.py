@@ -139,3 +139,29 @@ def test_missing_onnx_runtime_is_one_line_naming_the_pip_command(tiny_checkpoint
     import onnx_detect
     with pytest.raises(SystemExit, match="onnx_detect.py needs ONNX Runtime: pip install onnxruntime"):
         onnx_detect.load("any.onnx")
+
+
+def test_the_export_leaves_the_model_in_eval_mode(tiny_checkpoint, tmp_path):
+    """The exporter puts back the mode it found: training mode would turn on Swin's drop path afterwards."""
+    deployable = export.Deployable(load_tiny(tiny_checkpoint), 300)
+    export.export(deployable, tmp_path / "m.onnx", H, W, 1, False, 17)
+    assert not deployable.training and not any(m.training for m in deployable.modules())
+
+
+def test_swin_exports_where_its_windows_need_padding(tmp_path):
+    """Sizes that are no multiple of the window: the padding arithmetic must survive tracing (a negative
+    floor division, -(-n // w), became a truncation in ONNX and the shifted-window masks the wrong size)."""
+    import onnxruntime
+    import warnings
+    from backbone import SwinTransformer
+    swin = SwinTransformer(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=12, out_indices=(0, 1)).eval()
+    images = torch.randn(1, 3, 4 * 30, 4 * 44)  # 30 x 44 tokens: 3 x 4 windows of 12, padded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(swin, (images,), str(tmp_path / "swin.onnx"), dynamo=False, opset_version=17,
+                          input_names=["images"])
+    got = onnxruntime.InferenceSession(str(tmp_path / "swin.onnx")).run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        want = swin(images)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-4)
