@@ -88,13 +88,13 @@ def kernel_step(report: Report, device: torch.device):
     if device.type == "cuda":
         start = time.perf_counter()
         if msda_cuda._kernel() is None:
-            raise RuntimeError(f"the kernel did not build: {msda_cuda._build_error}")
+            raise RuntimeError(f"the kernel did not build: {msda_cuda._build_errors.get('CUDA')}")
         report.add(f"Kernel built (or loaded from the cache) in {time.perf_counter() - start:.0f} s.", "")
     lines = ["| dtype | self-check error (max over forward and 3 gradients, relative) | tolerance | verdict |",
              "| --- | --- | --- | --- |"]
     for dtype, tolerance in msda_cuda.SELF_CHECK_TOLERANCE.items():
         if device.type == "cuda":
-            error = msda_cuda.self_check_error(device, dtype, 8, 32)
+            error = msda_cuda.self_check_error(msda_cuda._kernel(), device, dtype, 8, 32)
         else:  # no kernel here: the reference against itself, to run the same code
             error = 0.0
         lines.append(f"| {str(dtype)[6:]} | {error:.2e} | {tolerance:.0e} | "

@@ -119,7 +119,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench/msda.py needs a CUDA GPU")
     if msda_cuda._kernel() is None:  # ms_deform_attn would time the reference twice
-        sys.exit(f"bench/msda.py: the kernel did not build ({msda_cuda._build_error})")
+        sys.exit(f"bench/msda.py: the kernel did not build ({msda_cuda._build_errors.get('CUDA')})")
     peak, rows = measure(args.iters)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {peak / 1e12:.2f} TB/s")
     print("\n".join(format_rows(rows)))

@@ -1,9 +1,12 @@
 """Multi-scale deformable attention: one entry point, `ms_deform_attn`.
 
-CUDA tensors go through the kernel in ms_deform_attn.cu, compiled just in time on first use (about a
-minute; cached by torch in ~/.cache/torch_extensions afterwards); everything else, and every case
-the kernel does not cover, goes through the pure-PyTorch reference in reference.py. If the build
-fails, a warning says why and the reference is used. DINO_MSDA=reference forces the reference.
+CUDA tensors go through the kernel in ms_deform_attn.cu, CPU tensors through the one in
+ms_deform_attn_cpu.cpp (C++ and OpenMP over torch's threads; bf16 and fp16 values in float32), each compiled
+just in time on first use
+(about a minute; cached by torch in ~/.cache/torch_extensions afterwards); everything else, every case a
+kernel does not cover, and anything traced for export goes through the pure-PyTorch reference in
+reference.py. If a build fails, one warning says why and the reference is used. DINO_MSDA=reference
+forces the reference.
 
 The kernel checks itself: the first time it meets a dtype and head size in a process, it runs a small
 random problem (an odd batch, every level, points beyond the borders) through itself and through the
@@ -14,6 +17,7 @@ DINO_MSDA_SELF_CHECK=0 turns it off.
 Under torch.compile the attention is one opaque operator, `torch.ops.dino.ms_deform_attn`, so the
 compiler neither traces the kernel nor the host reads of the level layout.
 """
+import functools
 import os
 import shutil
 import warnings
@@ -28,11 +32,13 @@ from precision import at_least_float32
 
 from .reference import ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "level_start_index_of", "build_extension"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "level_start_index_of", "build_extension",
+           "build_cpu_extension"]
 
 _SOURCE = Path(__file__).with_name("ms_deform_attn.cu")
-_extension = None
-_build_error: str | None = None
+_CPU_SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.cpp")
+_builds: dict[str, object] = {}  # "CUDA" / "CPU" -> the compiled extension, None if it failed
+_build_errors: dict[str, str] = {}
 _checked_metadata: dict[int, tuple] = {}  # id(spatial_shapes) -> (weak reference to it, what was checked)
 
 
@@ -63,18 +69,48 @@ def build_extension(verbose: bool = False):
                               extra_cuda_cflags=["-O3"])
 
 
-def _kernel():
-    """The compiled extension, or None (with one warning) if it cannot be built."""
-    global _extension, _build_error
-    if _extension is None and _build_error is None:
-        print("msda_cuda: compiling the multi-scale deformable attention kernel (once; cached afterwards)...", flush=True)
+# the vector instructions the CPU kernel is compiled for, by torch's reading of this CPU: 3x the speed of a
+# build for the x86-64 baseline (SSE2). Each set is its own build, so a cache shared by different CPUs
+# never hands one a build it cannot run.
+_CPU_INSTRUCTIONS = {"AVX2": ["-mavx2", "-mfma"],
+                     "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"]}
+
+
+def build_cpu_extension(verbose: bool = False):
+    """Compile (or load the cached build of) the CPU kernel with the host's C++ compiler and OpenMP, for the
+    vector instructions this CPU has. Raises if the build fails."""
+    from torch.utils import cpp_extension
+    _ninja_on_path()
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _CPU_INSTRUCTIONS.get(capability, [])
+    name = "dino_msda_cpu" + (f"_{capability.lower()}" if flags else "")
+    return cpp_extension.load(name=name, sources=[str(_CPU_SOURCE)], verbose=verbose,
+                              extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
+
+
+def _built(kind: str, build):
+    """The extension `build` makes, built once per process; None (with one warning) if it cannot be."""
+    if kind not in _builds:
+        print(f"msda_cuda: compiling the multi-scale deformable attention {kind} kernel (once; cached afterwards)...",
+              flush=True)
         try:
-            _extension = build_extension()
+            _builds[kind] = build()
         except Exception as e:  # noqa: BLE001 - any build failure falls back to the reference
-            _build_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            warnings.warn(f"msda_cuda: the CUDA kernel could not be built ({_build_error}); "
-                          f"using the PyTorch reference, which is slower", stacklevel=3)
-    return _extension
+            _builds[kind] = None
+            _build_errors[kind] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            warnings.warn(f"msda_cuda: the {kind} kernel could not be built ({_build_errors[kind]}); "
+                          f"using the PyTorch reference, which is slower", stacklevel=6)
+    return _builds[kind]
+
+
+def _kernel():
+    """The compiled CUDA extension, or None (with one warning) if it cannot be built."""
+    return _built("CUDA", build_extension)
+
+
+def _cpu_kernel():
+    """The compiled CPU extension, or None (with one warning) if it cannot be built."""
+    return _built("CPU", build_cpu_extension)
 
 
 def _vector_width(dtype: torch.dtype) -> int:
@@ -144,24 +180,27 @@ def _aligned(t: Tensor) -> Tensor:
 
 
 class _MSDeformAttnFunction(torch.autograd.Function):
+    """The attention through a compiled `extension` (the CUDA kernel, the CPU kernel, or in the tests the
+    CUDA kernel emulated on the CPU): its forward, and its backward for the gradients."""
+
     @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def forward(ctx, extension, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
         coord = at_least_float32(value.dtype)  # locations and weights: float32 at least (precision.py)
-        ctx.dtypes = sampling_locations.dtype, attention_weights.dtype
+        ctx.extension, ctx.dtypes = extension, (sampling_locations.dtype, attention_weights.dtype)
         value = _aligned(value)
         locations, weights = sampling_locations.to(coord).contiguous(), attention_weights.to(coord).contiguous()
         spatial_shapes = spatial_shapes.to(value.device).contiguous()
         level_start_index = level_start_index.to(value.device).contiguous()
         ctx.save_for_backward(value, spatial_shapes, level_start_index, locations, weights)
-        return _extension.forward(value, spatial_shapes, level_start_index, locations, weights)
+        return extension.forward(value, spatial_shapes, level_start_index, locations, weights)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
-        grad_value, grad_locations, grad_weights = _extension.backward(
+        grad_value, grad_locations, grad_weights = ctx.extension.backward(
             value, spatial_shapes, level_start_index, locations, weights, _aligned(grad_output))
-        return grad_value, None, None, grad_locations.to(ctx.dtypes[0]), grad_weights.to(ctx.dtypes[1])
+        return None, grad_value, None, None, grad_locations.to(ctx.dtypes[0]), grad_weights.to(ctx.dtypes[1])
 
 
 # --- the self-check ---------------------------------------------------------------------------------------
@@ -173,24 +212,27 @@ SELF_CHECK_LEVELS = [(7, 9), (4, 5), (2, 3), (1, 1)]  # odd sizes and a 1x1 leve
 _verdicts: dict[tuple, bool] = {}  # (device, dtype, M, D) -> the kernel agreed with the reference
 
 
-def self_check_error(device: torch.device, dtype: torch.dtype, heads: int, channels: int) -> float:
-    """Largest relative error of the kernel (the extension in `_extension`) against the float64
+def self_check_error(extension, device: torch.device, dtype: torch.dtype, heads: int, channels: int) -> float:
+    """Largest relative error of the compiled `extension` on `device` against the float64
     reference, over the forward and the gradients of value, locations and weights, on a small random
     problem: batch 3, every level of SELF_CHECK_LEVELS, locations 20% beyond each border. Draws from a
     generator of its own: the caller's random stream is untouched."""
-    g = torch.Generator().manual_seed(0)
-    shapes = torch.tensor(SELF_CHECK_LEVELS)
-    S, L, B, Q, P = int(shapes.prod(1).sum()), len(SELF_CHECK_LEVELS), 3, 5, 2
-    coord = at_least_float32(dtype)
-    value = torch.randn(B, S, heads, channels, generator=g)
-    locations = torch.rand(B, Q, heads, L, P, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
-    weights = torch.rand(B, Q, heads, L, P, generator=g, dtype=torch.float64)
-    grad = torch.randn(B, Q, heads * channels, generator=g, dtype=torch.float64)
-    spatial_shapes = shapes.to(device)
-    level_start_index = level_start_index_of(spatial_shapes)
-    with torch.inference_mode(False), torch.enable_grad():
+    # tensors made under inference mode take no gradient; inside activation checkpointing, the checkpoint's
+    # saved-tensor hooks would count the self-check's saved tensors as the layer's: hooks of its own
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t,
+                                                                                                     lambda t: t):
+        g = torch.Generator().manual_seed(0)
+        shapes = torch.tensor(SELF_CHECK_LEVELS)
+        S, L, B, Q, P = int(shapes.prod(1).sum()), len(SELF_CHECK_LEVELS), 3, 5, 2
+        coord = at_least_float32(dtype)
+        value = torch.randn(B, S, heads, channels, generator=g)
+        locations = torch.rand(B, Q, heads, L, P, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
+        weights = torch.rand(B, Q, heads, L, P, generator=g, dtype=torch.float64)
+        grad = torch.randn(B, Q, heads * channels, generator=g, dtype=torch.float64)
+        spatial_shapes = shapes.to(device)
+        level_start_index = level_start_index_of(spatial_shapes)
         results = []
-        for run, values, coords in ((_MSDeformAttnFunction.apply, dtype, coord),
+        for run, values, coords in ((functools.partial(_MSDeformAttnFunction.apply, extension), dtype, coord),
                                     (ms_deform_attn_reference, torch.float64, torch.float64)):
             inputs = [t.to(device, d).requires_grad_() for t, d in ((value, values), (locations, coords),
                                                                    (weights, coords))]
@@ -202,20 +244,19 @@ def self_check_error(device: torch.device, dtype: torch.dtype, heads: int, chann
     return max(errors) if all(e == e for e in errors) else float("nan")
 
 
-def _kernel_trusted(value: Tensor) -> bool:
-    """Whether the kernel passed its self-check for value's device, dtype and head shape (run on the first
+def _kernel_trusted(extension, device: torch.device, dtype: torch.dtype, heads: int, channels: int) -> bool:
+    """Whether the kernel passed its self-check for this device, dtype and head shape (run on the first
     call). A kernel that fails it warns once and is not used for that case again in this process."""
     if os.environ.get("DINO_MSDA_SELF_CHECK") == "0":
         return True
-    M, D = value.shape[2:]
-    key = (value.device, value.dtype, M, D)
+    key = (device, dtype, heads, channels)
     if key not in _verdicts:
-        error = self_check_error(value.device, value.dtype, M, D)
-        _verdicts[key] = error <= SELF_CHECK_TOLERANCE[value.dtype]  # NaN: False
+        error = self_check_error(extension, device, dtype, heads, channels)
+        _verdicts[key] = error <= SELF_CHECK_TOLERANCE[dtype]  # NaN: False
         if not _verdicts[key]:
-            warnings.warn(f"msda_cuda: the kernel disagrees with the reference on {value.device} for "
-                          f"{str(value.dtype).removeprefix('torch.')} values with {M} heads of {D} channels "
-                          f"(relative error {error:.2e}, tolerance {SELF_CHECK_TOLERANCE[value.dtype]:.0e}); "
+            warnings.warn(f"msda_cuda: the kernel disagrees with the reference on {device} for "
+                          f"{str(dtype).removeprefix('torch.')} values with {heads} heads of {channels} channels "
+                          f"(relative error {error:.2e}, tolerance {SELF_CHECK_TOLERANCE[dtype]:.0e}); "
                           f"using the PyTorch reference instead. Please report this with your GPU and "
                           f"torch version.", stacklevel=5)
     return _verdicts[key]
@@ -223,26 +264,37 @@ def _kernel_trusted(value: Tensor) -> bool:
 
 # --- dispatch -------------------------------------------------------------------------------------------------
 
-KERNEL_DEVICE_TYPES = ("cuda",)
-
-
-def _use_kernel(value: Tensor) -> bool:
-    """Whether the kernel computes this call: never while tracing (ONNX export: the reference's grid_sample
-    is what an exported graph can hold)."""
-    return (value.device.type in KERNEL_DEVICE_TYPES and os.environ.get("DINO_MSDA") != "reference"
-            and not torch.jit.is_tracing() and _kernel_covers(value) and _kernel() is not None
-            and _kernel_trusted(value))
+def _kernel_for(value: Tensor) -> tuple[object, torch.dtype]:
+    """(the compiled kernel that computes this call, the dtype it computes in), or (None, None) for the
+    reference: the CUDA kernel for the CUDA tensors it covers, in their dtype; the CPU kernel for CPU
+    tensors, in float32 for bf16 and fp16 values (as their sums are anyway; the kernel is several times
+    faster than the reference in either); each once it built and passed its self-check. Never while
+    tracing (ONNX export: an exported graph holds the reference's grid_sample), nor with
+    DINO_MSDA=reference."""
+    if os.environ.get("DINO_MSDA") == "reference" or torch.jit.is_tracing():
+        return None, None
+    if value.is_cuda and _kernel_covers(value):
+        extension, dtype = _kernel(), value.dtype
+    elif value.device.type == "cpu" and value.dtype in SELF_CHECK_TOLERANCE:
+        extension, dtype = _cpu_kernel(), at_least_float32(value.dtype)
+    else:
+        return None, None
+    if extension is None or not _kernel_trusted(extension, value.device, dtype, *value.shape[2:]):
+        return None, None
+    return extension, dtype
 
 
 def _run(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
          attention_weights: Tensor, check_layout: bool = True) -> Tensor:
-    """The attention through the kernel or the reference, on real tensors."""
+    """The attention through a kernel or the reference, on real tensors."""
     if check_layout:
         _check_layout(value, spatial_shapes, level_start_index)
-    if _use_kernel(value):
-        return _MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations,
-                                           attention_weights)
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    extension, dtype = _kernel_for(value)
+    if extension is None:
+        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
+                                        attention_weights)
+    return _MSDeformAttnFunction.apply(extension, value.to(dtype), spatial_shapes, level_start_index,
+                                       sampling_locations, attention_weights).to(value.dtype)
 
 
 @torch.library.custom_op("dino::ms_deform_attn", mutates_args=())

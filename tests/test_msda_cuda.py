@@ -31,19 +31,34 @@ def emulated_extension():
     return build_emulated_extension()
 
 
-@pytest.fixture(params=[pytest.param("cuda", marks=[cuda, needs_gpu]), pytest.param("emulated", marks=needs_cxx)])
+def skip_unless_covered(extension, dtype: torch.dtype):
+    if extension is msda_cuda._builds.get("CPU") and dtype not in (torch.float32, torch.float64):
+        pytest.skip("the CPU kernel takes float32 and float64 values (others go to the reference)")
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=[cuda, needs_gpu]), pytest.param("emulated", marks=needs_cxx),
+                        pytest.param("cpu", marks=needs_cxx)])
 def kernel(request, monkeypatch):
-    """(device, extension, ms_deform_attn through the kernel) for the GPU, or for the emulation on the CPU."""
+    """(device, extension, ms_deform_attn through the kernel) for the CUDA kernel on the GPU, for the same
+    kernel emulated on the CPU, and for the CPU kernel (ms_deform_attn_cpu.cpp)."""
+    if request.param == "cpu":
+        extension = msda_cuda._cpu_kernel()
+        assert extension is not None, f"the CPU kernel did not build: {msda_cuda._build_errors.get('CPU')}"
+
+        def through_cpu_kernel(*inputs):
+            msda_cuda._check(*inputs)
+            skip_unless_covered(extension, inputs[0].dtype)
+            return msda_cuda._MSDeformAttnFunction.apply(extension, *inputs)
+        return "cpu", extension, through_cpu_kernel
     if request.param == "cuda":
         extension = msda_cuda._kernel()
-        assert extension is not None, f"the kernel did not build: {msda_cuda._build_error}"
+        assert extension is not None, f"the kernel did not build: {msda_cuda._build_errors.get('CUDA')}"
         return "cuda", extension, ms_deform_attn
     extension = request.getfixturevalue("emulated_extension")
-    monkeypatch.setattr(msda_cuda, "_extension", extension)
 
     def through_kernel(*inputs):  # what ms_deform_attn does with CUDA tensors
         msda_cuda._check(*inputs)
-        return msda_cuda._MSDeformAttnFunction.apply(*inputs)
+        return msda_cuda._MSDeformAttnFunction.apply(extension, *inputs)
     return "cpu", extension, through_kernel
 
 
@@ -235,17 +250,17 @@ def test_dino_trains_through_the_kernel_as_through_the_reference(kernel, monkeyp
 
 @pytest.mark.parametrize("dtype", list(msda_cuda.SELF_CHECK_TOLERANCE))
 def test_the_self_check_passes_a_correct_kernel(kernel, dtype):
-    device, _, _ = kernel
-    error = msda_cuda.self_check_error(torch.device(device), dtype, 8, 32)
+    device, extension, _ = kernel
+    skip_unless_covered(extension, dtype)
+    error = msda_cuda.self_check_error(extension, torch.device(device), dtype, 8, 32)
     assert error <= msda_cuda.SELF_CHECK_TOLERANCE[dtype]
     assert error > 0 or dtype == torch.float64  # it really compared two computations
 
 
 @pytest.fixture
 def kernel_on_the_cpu(monkeypatch):
-    """ms_deform_attn dispatching CPU tensors to whatever extension the test puts in msda_cuda._extension,
-    as it dispatches CUDA tensors to the compiled kernel; every self-check verdict forgotten."""
-    monkeypatch.setattr(msda_cuda, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+    """ms_deform_attn dispatching CPU tensors to whatever extension the test puts in place of the CPU kernel
+    (msda_cuda._cpu_kernel); every self-check verdict forgotten."""
     monkeypatch.setattr(msda_cuda, "_verdicts", {})
     monkeypatch.delenv("DINO_MSDA_SELF_CHECK", raising=False)
     monkeypatch.delenv("DINO_MSDA", raising=False)
@@ -257,7 +272,7 @@ def kernel_on_the_cpu(monkeypatch):
 
 @needs_cxx
 def test_a_correct_kernel_is_used_after_its_self_check(emulated_extension, kernel_on_the_cpu, monkeypatch, recwarn):
-    monkeypatch.setattr(msda_cuda, "_extension", emulated_extension)
+    monkeypatch.setattr(msda_cuda, "_cpu_kernel", lambda: emulated_extension)
     inputs = random_inputs(DINO_LIKE, B=2, Q=6, M=2, D=32, P=3, dtype=torch.float32)
     out = ms_deform_attn(*inputs)
     assert len(kernel_on_the_cpu) > 1  # the self-check's call, then the real one
@@ -272,7 +287,7 @@ BORDER_BUG = ("px < acc_t(W) &&", "px < acc_t(W - 1) &&")
 @needs_cxx
 def test_a_broken_kernel_is_caught_by_its_self_check_and_the_reference_takes_over(kernel_on_the_cpu, monkeypatch):
     broken = build_emulated_extension(mutation=BORDER_BUG)
-    monkeypatch.setattr(msda_cuda, "_extension", broken)
+    monkeypatch.setattr(msda_cuda, "_cpu_kernel", lambda: broken)
     inputs = random_inputs(DINO_LIKE, B=2, Q=6, M=2, D=32, P=3, dtype=torch.float32)
     inputs[3].data[..., 0] = 0.995  # beside the right border, where the broken kernel is wrong
     assert (broken.forward(*inputs) - ms_deform_attn_reference(*inputs)).abs().max() > 1e-2
@@ -290,12 +305,12 @@ def test_a_broken_kernel_is_caught_by_its_self_check_and_the_reference_takes_ove
 
 
 def test_the_self_check_is_cheap_and_leaves_the_random_stream_alone(kernel):
-    device, _, _ = kernel
+    device, extension, _ = kernel
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
     start = time.perf_counter()
-    msda_cuda.self_check_error(torch.device(device), torch.float32, 8, 32)
+    msda_cuda.self_check_error(extension, torch.device(device), torch.float32, 8, 32)
     if device == "cuda":  # the emulation runs threads as fibers: its time says nothing
         assert time.perf_counter() - start < 0.1
     assert torch.equal(torch.rand(3), expected)
@@ -308,13 +323,12 @@ import msda_cuda
 from msda_emulation import build_emulated_extension
 from test_msda_cuda import DINO_LIKE, random_inputs
 extension = build_emulated_extension(sanitize=True)
-msda_cuda._extension = extension
 if sys.argv[1] == "exercise":
     for dtype, D in [(torch.float64, 4), (torch.float32, 32), (torch.float32, 2), (torch.float16, 16), (torch.bfloat16, 4)]:
         for B in (1, 3):
             inputs = random_inputs(DINO_LIKE, B=B, Q=7, M=3, D=D, P=4, dtype=dtype, device="cpu", requires_grad=True)
             inputs[3].data.mul_(1.2).sub_(0.1)  # well beyond the borders, too
-            msda_cuda._MSDeformAttnFunction.apply(*inputs).sum().backward()
+            msda_cuda._MSDeformAttnFunction.apply(extension, *inputs).sum().backward()
     print("exercised")
 else:  # a value tensor two tokens short: the reads past its end must be caught
     value, ss, lsi, loc, w = random_inputs(DINO_LIKE, B=1, Q=5, M=2, D=16, P=4, dtype=torch.float32, device="cpu")
@@ -352,3 +366,67 @@ def test_environment_variable_forces_the_reference(monkeypatch):
     monkeypatch.setenv("DINO_MSDA", "reference")
     ms_deform_attn(*inputs)
     assert calls
+
+
+@needs_cxx
+def test_cpu_tensors_go_through_the_cpu_kernel_bf16_and_fp16_in_float32(monkeypatch):
+    calls = []
+    apply = msda_cuda._MSDeformAttnFunction.apply
+    monkeypatch.setattr(msda_cuda._MSDeformAttnFunction, "apply",
+                        lambda *a: calls.append((a[0], a[1].dtype)) or apply(*a))
+    cpu_kernel = msda_cuda._cpu_kernel()
+    assert cpu_kernel is not None
+    for dtype, computed in ((torch.float32, torch.float32), (torch.float64, torch.float64),
+                            (torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
+        calls.clear()
+        value, *rest = random_inputs(DINO_LIKE, B=1, Q=4, M=2, D=8, P=2, dtype=dtype)
+        value.requires_grad_()
+        out = ms_deform_attn(value, *rest)
+        assert calls[-1:] == [(cpu_kernel, computed)]  # after the self-check's own calls, on first use
+        assert out.dtype == dtype
+        out.sum().backward()
+        assert value.grad.dtype == dtype
+        want = ms_deform_attn_reference(value.detach().double(), *rest[:2], *(t.double() for t in rest[2:]))
+        assert (out.double() - want).abs().max() <= TOLERANCE[dtype] * want.abs().max()
+    monkeypatch.setenv("DINO_MSDA", "reference")
+    calls.clear()
+    ms_deform_attn(*random_inputs(DINO_LIKE, B=1, Q=4, M=2, D=8, P=2, dtype=torch.float32))
+    assert not calls
+
+
+def test_a_cpu_kernel_that_does_not_build_warns_once_and_the_reference_works(monkeypatch):
+    def no_compiler(verbose=False):
+        raise RuntimeError("Error building extension 'dino_msda_cpu': c++: not found")
+    monkeypatch.setattr(msda_cuda, "build_cpu_extension", no_compiler)
+    monkeypatch.setattr(msda_cuda, "_builds", {})
+    monkeypatch.setattr(msda_cuda, "_build_errors", {})
+    inputs = random_inputs(DINO_LIKE, B=1, Q=4, M=2, D=8, P=2, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="the CPU kernel could not be built .*c\\+\\+: not found.*using the PyTorch reference"):
+        out = ms_deform_attn(*inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(ms_deform_attn(*inputs), out)  # once
+    assert torch.equal(out, ms_deform_attn_reference(*inputs))
+
+
+@needs_cxx
+def test_the_first_call_may_come_under_inference_mode(monkeypatch):
+    """The self-check makes its tensors outside inference mode: it needs their gradients."""
+    monkeypatch.setattr(msda_cuda, "_verdicts", {})
+    inputs = random_inputs(DINO_LIKE, B=1, Q=4, M=3, D=8, P=2, dtype=torch.float32)
+    with torch.inference_mode():
+        out = ms_deform_attn(*inputs)
+    torch.testing.assert_close(out, ms_deform_attn_reference(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@needs_cxx
+def test_the_first_call_may_come_inside_activation_checkpointing(monkeypatch):
+    """The self-check's own saved tensors are not counted as the checkpointed layer's (which would make the
+    recomputation in the backward disagree with the forward)."""
+    monkeypatch.setattr(msda_cuda, "_verdicts", {})
+    value, *rest = random_inputs(DINO_LIKE, B=1, Q=4, M=3, D=8, P=2, dtype=torch.float32, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(lambda v: ms_deform_attn(v, *rest), value, use_reentrant=False)
+    out.sum().backward()
+    assert msda_cuda._verdicts  # the self-check ran, inside the checkpoint
+    want = torch.autograd.grad(ms_deform_attn_reference(value, *rest).sum(), value)[0]
+    torch.testing.assert_close(value.grad, want, rtol=1e-5, atol=1e-5)
