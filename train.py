@@ -189,11 +189,12 @@ def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int
 
 def build_optimizer(model: DINO, cfg: Config) -> torch.optim.Optimizer:
     """AdamW with two groups as official DINO: the backbone at lr_backbone, everything else at lr.
-    On a GPU, torch's fused AdamW: one kernel for all parameters, and no temporaries the size of them."""
+    On GPUs and CPUs, torch's fused AdamW: one kernel for all parameters instead of a loop over them, and
+    no temporaries the size of them."""
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
     return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr_backbone}],
-                             weight_decay=cfg.weight_decay, fused=rest[0].is_cuda or None)
+                             weight_decay=cfg.weight_decay, fused=rest[0].device.type in ("cuda", "cpu") or None)
 
 
 def tensorboard_writer(folder: Path | None):
