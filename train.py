@@ -367,9 +367,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: context
             sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
         else:
             sampler = torch.utils.data.SequentialSampler(dataset)
-        # worker seeds from a generator of the loader's own: loading never shifts the training's random stream
-        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
-                                           num_workers=cfg.num_workers, collate_fn=collate,
+        # evaluation one image at a time, as eval.py: an image padded to its batch's largest is detected a little
+        # differently (the demo's AP is 0.528 evaluated in batches of 4, 0.564 one by one), and a checkpoint's
+        # AP must not depend on the batches it was evaluated in.
+        # Worker seeds from a generator of the loader's own: loading never shifts the training's random stream.
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size if train else 1, sampler=sampler,
+                                           drop_last=False, num_workers=cfg.num_workers, collate_fn=collate,
                                            generator=torch.Generator().manual_seed(cfg.seed + epoch),
                                            worker_init_fn=data_worker_init, pin_memory=device.type == "cuda")
 

@@ -57,6 +57,16 @@ def test_two_iteration_training_run_writes_checkpoint_log_and_metrics(shapes, tm
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_training_evaluates_one_image_at_a_time_as_eval_py(shapes, tmp_path, monkeypatch):
+    """A padded batch changes the detections a little: the AP in log.jsonl must be what eval.py (--batch-size 1
+    by default) gives for the checkpoint."""
+    batch_sizes, evaluate = [], train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda model, loader, *a: batch_sizes.append(loader.batch_size)
+                        or evaluate(model, loader, *a))
+    run(shapes, tmp_path, "--epochs", "1")  # FLAGS train at batch size 2
+    assert batch_sizes == [1]
+
+
 def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(shapes, tmp_path):
     run(shapes, tmp_path / "straight", "--epochs", "3", "--eval-every", "5")
     run(shapes, tmp_path / "resumed", "--epochs", "2", "--eval-every", "5")
