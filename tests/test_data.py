@@ -134,11 +134,16 @@ def test_dataset_on_awkward_data(tmp_path):
     assert target["orig_size"].tolist() == [50, 50] and target["image_id"] == 11
 
 
+def edit_annotations(ann_file, change) -> None:
+    """Rewrite the annotation file with change(data) applied to its parsed JSON."""
+    data = json.loads(ann_file.read_text())
+    change(data)
+    ann_file.write_text(json.dumps(data))
+
+
 def test_annotations_made_on_the_stored_pixels_are_kept_unrotated(tmp_path):
     images_dir, ann_file = write_awkward_dataset(tmp_path)
-    data = json.loads(ann_file.read_text())
-    data["images"][0].update(width=40, height=60)  # the stored orientation
-    ann_file.write_text(json.dumps(data))
+    edit_annotations(ann_file, lambda d: d["images"][0].update(width=40, height=60))  # the stored orientation
     image, _ = CocoDetection(images_dir, ann_file, identity_transform())[0]
     assert image.shape == (3, 60, 40)
 
@@ -173,9 +178,7 @@ def test_corrupt_image_is_named(tmp_path):
 ])
 def test_bad_annotations_are_named(tmp_path, change, message):
     images_dir, ann_file = write_awkward_dataset(tmp_path)
-    data = json.loads(ann_file.read_text())
-    change(data)
-    ann_file.write_text(json.dumps(data))
+    edit_annotations(ann_file, change)
     with pytest.raises(DataError, match=f"{ann_file}: .*{message}"):
         CocoDetection(images_dir, ann_file, identity_transform())
 
@@ -196,10 +199,11 @@ def test_annotations_without_area_or_iscrowd_are_completed_and_evaluated(tmp_pat
     """Converted datasets often lack both: pycocotools' evaluation needs them (KeyError: 'area')."""
     from eval import coco_metrics
     images_dir, ann_file = write_awkward_dataset(tmp_path)
-    data = json.loads(ann_file.read_text())
-    for ann in data["annotations"]:
-        del ann["area"], ann["iscrowd"]
-    ann_file.write_text(json.dumps(data))
+
+    def without_area_or_iscrowd(data):
+        for ann in data["annotations"]:
+            del ann["area"], ann["iscrowd"]
+    edit_annotations(ann_file, without_area_or_iscrowd)
     notes = []
     dataset = CocoDetection(images_dir, ann_file, identity_transform(), log=notes.append)
     assert any("4 annotation(s) without 'area'" in n for n in notes), notes
@@ -223,10 +227,11 @@ def test_boxes_beyond_the_image_are_clipped_and_empty_ones_dropped_for_training_
 
 def test_images_without_a_size_in_the_file_get_it_from_the_image(tmp_path):
     images_dir, ann_file = write_awkward_dataset(tmp_path)
-    data = json.loads(ann_file.read_text())
-    for img in data["images"]:
-        del img["width"], img["height"]
-    ann_file.write_text(json.dumps(data))
+
+    def without_sizes(data):
+        for img in data["images"]:
+            del img["width"], img["height"]
+    edit_annotations(ann_file, without_sizes)
     dataset = CocoDetection(images_dir, ann_file, identity_transform(), log=lambda _: None)
     assert (dataset.coco.imgs[1]["width"], dataset.coco.imgs[1]["height"]) == (60, 40)  # EXIF-rotated
     assert dataset.coco.anns[5]["bbox"] == [40, 40, 10, 10]  # so boxes are still checked against it
