@@ -1,14 +1,13 @@
 """Multi-scale deformable attention: one entry point, `ms_deform_attn`.
 
 CUDA tensors go through the kernel in ms_deform_attn.cu, CPU tensors through the one in
-ms_deform_attn_cpu.cpp (C++ and OpenMP over torch's threads; bf16 and fp16 values in float32), each compiled
-just in time on first use
-(about a minute; cached by torch in ~/.cache/torch_extensions afterwards); everything else, every case a
-kernel does not cover, and anything traced for export goes through the pure-PyTorch reference in
-reference.py. If a build fails, one warning says why and the reference is used. DINO_MSDA=reference
-forces the reference.
+ms_deform_attn_cpu.cpp (C++ and OpenMP over torch's threads; bf16 and fp16 values in float32), each
+compiled just in time on first use (about a minute; cached by torch in ~/.cache/torch_extensions
+afterwards); every case a kernel does not cover, and anything traced for export, goes through the
+pure-PyTorch reference in reference.py. If a build fails, one warning says why and the reference is
+used. DINO_MSDA=reference forces the reference.
 
-The kernel checks itself: the first time it meets a dtype and head size in a process, it runs a small
+Each kernel checks itself: the first time it meets a dtype and head size in a process, it runs a small
 random problem (an odd batch, every level, points beyond the borders) through itself and through the
 reference, forward and all three gradients; if they disagree beyond the dtype's tolerance, one warning
 gives the error and the reference takes over for that case. It costs a few milliseconds once;
@@ -257,8 +256,8 @@ def _kernel_trusted(extension, device: torch.device, dtype: torch.dtype, heads: 
             warnings.warn(f"msda_cuda: the kernel disagrees with the reference on {device} for "
                           f"{str(dtype).removeprefix('torch.')} values with {heads} heads of {channels} channels "
                           f"(relative error {error:.2e}, tolerance {SELF_CHECK_TOLERANCE[dtype]:.0e}); "
-                          f"using the PyTorch reference instead. Please report this with your GPU and "
-                          f"torch version.", stacklevel=5)
+                          f"using the PyTorch reference instead. Please report this with your "
+                          f"{'GPU' if device.type == 'cuda' else 'CPU'} and torch version.", stacklevel=5)
     return _verdicts[key]
 
 

@@ -48,7 +48,7 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (value, locations, weights))
 
 
-def test_entry_point_on_the_cpu_is_the_kernel_or_with_dino_msda_reference_the_reference(monkeypatch):
+def test_entry_point_on_the_cpu_agrees_with_the_reference_and_dino_msda_reference_forces_it(monkeypatch):
     args = random_inputs([(6, 4), (3, 2)])
     torch.testing.assert_close(ms_deform_attn(*args), ms_deform_attn_reference(*args), rtol=1e-13, atol=1e-13)
     monkeypatch.setenv("DINO_MSDA", "reference")
