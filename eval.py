@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from checkpoints import model_from_checkpoint
 from config import Config, ConfigError
+from cpu_memory import heap_kept
 from data import CocoDetection, DataError, collate, eval_canvas, image_files, make_transforms, read_image, split_paths
 from model import postprocess
 from precision import amp_autocast, at_least_float32
@@ -166,7 +167,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, num_select: in
             last_print = time.time()
             left = (len(loader) - i) * (last_print - start) / i
             print(f"evaluating [{i}/{len(loader)}], {left:.0f} s left", flush=True)
-        with amp_autocast(device, amp):
+        with amp_autocast(device, amp), heap_kept(device):
             outputs = model(images.to(device), mask.to(device))
         outputs = {k: at_least_float32(outputs[k]) for k in ("pred_logits", "pred_boxes")}
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
@@ -229,7 +230,7 @@ def detect_images(model: torch.nn.Module, cfg: Config, images: list[Tensor], dev
     detections = []
     for image in images:
         batch, mask, _ = collate([(transform(image), None)], canvas)
-        with amp_autocast(device, amp):
+        with amp_autocast(device, amp), heap_kept(device):
             out = model(batch.to(device), mask.to(device))
         out = {k: at_least_float32(out[k]) for k in ("pred_logits", "pred_boxes")}
         detected = postprocess(out, [image.shape[1:]], cfg.num_select, clip=True)[0]  # boxes inside the image

@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # bottom to top
-    {"config", "precision", "onnx_detect"},
+    {"config", "precision", "cpu_memory", "onnx_detect"},
     {"msda_cuda"},
     {"backbone", "deformable_attn", "denoising", "matcher", "data", "runs"},
     {"model", "losses"},
