@@ -1,6 +1,7 @@
 """The demo's training step on the CPU (train.py --demo: DINO-4scale on ResNet-18, hidden 128, batch 4 of
 quarter-size images), as it runs now against as it ran before the CPU work: the attention through the CPU
-kernel and fused AdamW, against the PyTorch reference attention and AdamW's loop over the parameters.
+kernel, fused AdamW and the ResNet on channels-last tensors, against the PyTorch reference attention,
+AdamW's loop over the parameters and the ResNet on NCHW tensors.
 
 Usage: python bench/demo_step.py [--pairs 5] [--threads N]
 Two copies of the same model take steps on the same generated batch (20 boxes per image, 200x333 pixels,
@@ -10,7 +11,6 @@ gave the same loss.
 """
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -23,6 +23,7 @@ from config import make_config  # noqa: E402
 from losses import Criterion  # noqa: E402
 from model import build_dino  # noqa: E402
 from train import DEMO, build_optimizer, make_grad_scaler, train_step  # noqa: E402
+from inference_cpu import attention, nchw_backbone  # noqa: E402
 from train_step import batch  # noqa: E402
 
 
@@ -46,14 +47,10 @@ def main():
 
     def step(which: str) -> float:
         model, optimizer = (new_model, new_optimizer) if which == "new" else (old_model, old_optimizer)
-        if which == "old":
-            os.environ["DINO_MSDA"] = "reference"
-        try:
+        with attention("reference" if which == "old" else "kernel"), nchw_backbone(model, which == "old"):
             start = time.perf_counter()
             loss = train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)["loss"].item()
             return time.perf_counter() - start, loss
-        finally:
-            os.environ.pop("DINO_MSDA", None)
 
     torch.manual_seed(1)  # the denoising queries are drawn at random: the same draws for both first steps
     _, old_loss = step("old")
