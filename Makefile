@@ -15,8 +15,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 demo: install
 	$(PY) train.py --demo
 
+# pytest-xdist: one worker per core (tests/conftest.py shares torch's threads among them); each test file
+# stays on one worker, so that a file's kernel builds happen once
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 # On a GPU machine, with that machine's own Python (torch, torchvision, numpy, scipy, ninja, pytest; no
 # pycocotools, no package downloads): every GPU figure of BENCHMARKS.md, as markdown, in about 6 minutes.

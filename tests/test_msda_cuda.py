@@ -44,6 +44,9 @@ def kernel(request, monkeypatch):
     if request.param == "cpu":
         extension = msda_cuda._cpu_kernel()
         assert extension is not None, f"the CPU kernel did not build: {msda_cuda._build_errors.get('CPU')}"
+        threads = torch.get_num_threads()  # several threads, whatever the machine: the backward's split is tested
+        torch.set_num_threads(4)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
 
         def through_cpu_kernel(*inputs):
             msda_cuda._check(*inputs)
