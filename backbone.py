@@ -72,7 +72,7 @@ class ResNet(nn.Module):
         x, outs = images, []
         if images.device.type == "cpu":
             # oneDNN's convolutions, batch norm and max pooling are faster on channels-last (NHWC) tensors:
-            # R50 at 800x1333, the backbone 1.2x as fast (bench/inference_cpu.py). The weights may stay as
+            # R50 at 800x1333, the backbone 1.3-1.5x as fast (bench/inference_cpu.py). The weights may stay as
             # they are; the features come out channels-last, and the encoder's flattening reads them as is.
             x = images.contiguous(memory_format=torch.channels_last)
         for name, module in self.body.items():
