@@ -136,8 +136,10 @@ def test_a_torchrun_restart_resumes_by_itself(shapes, straight, tmp_path, monkey
 
 
 def test_sigterm_stops_every_torchrun_process_at_the_same_iteration(tmp_path):
-    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=16, num_val=2, size=(64, 96))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    # 12 iterations an epoch, and the run niced: however busy the machine (make test runs two workers), the
+    # loop below sees the first checkpoint and signals long before the run could end by itself
+    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=48, num_val=2, size=(64, 96))
+    command = ["nice", "-n", "10", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "train.py"), "--data", str(shapes), "--output-dir", str(tmp_path / "out"), "--device", "cpu",
                *FLAGS, "--checkpoint-minutes", "0.00001"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
