@@ -69,12 +69,17 @@ class ResNet(nn.Module):
         self.activation_checkpointing = activation_checkpointing
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        x, outs = images, []
         if images.device.type == "cpu":
             # oneDNN's convolutions, batch norm and max pooling are faster on channels-last (NHWC) tensors:
             # R50 at 800x1333, the backbone 1.3-1.5x as fast (bench/inference_cpu.py). The weights may stay as
             # they are; the features come out channels-last, and the encoder's flattening reads them as is.
-            x = images.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.stages(images)
+
+    def stages(self, x: Tensor) -> list[Tensor]:
+        """The stem and the four stages on x (B, 3, H, W) in the memory layout it comes in: the outputs of
+        layer2, layer3 and layer4."""
+        outs = []
         for name, module in self.body.items():
             x = run_layer(module, self.activation_checkpointing and name.startswith("layer"), x)
             if name in ("layer2", "layer3", "layer4"):

@@ -37,14 +37,7 @@ def nchw_backbone(model, on: bool):
     them channels-last on the CPU."""
     resnet = model.backbone
     if on and isinstance(resnet, ResNet):
-        def nchw_forward(images):
-            x, outs = images, []
-            for name, module in resnet.body.items():
-                x = module(x)
-                if name in ("layer2", "layer3", "layer4"):
-                    outs.append(x)
-            return outs
-        resnet.forward = nchw_forward
+        resnet.forward = resnet.stages
     try:
         yield
     finally:

@@ -29,11 +29,7 @@ def test_resnet_runs_channels_last_on_the_cpu_and_computes_what_it_computes_on_n
     images = torch.randn(2, 3, 64, 96, dtype=dtype)
     features = backbone(images)
     assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
-    x, nchw = images, []
-    for name, module in backbone.body.items():
-        x = module(x)
-        if name in ("layer2", "layer3", "layer4"):
-            nchw.append(x)
+    nchw = backbone.stages(images)
     assert all(f.is_contiguous() for f in nchw)
     tol = 1e-12 if dtype == torch.float64 else 1e-4
     for got, want in zip(features, nchw):
