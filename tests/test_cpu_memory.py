@@ -1,6 +1,7 @@
-"""cpu_memory.heap_kept, measured in a fresh process (the heap of a long test session is anything but
+"""cpu_memory.heap_kept. Measured in a fresh process (the heap of a long test session is anything but
 fresh): within it, large blocks that were freed are reused without the kernel faulting their pages in
-again; on the way out, the freed pages go back to the kernel."""
+again; on the way out, the freed pages go back to the kernel. With a stand-in C library: when it trims,
+and that it does nothing off the CPU."""
 import json
 import subprocess
 import sys
