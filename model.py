@@ -126,21 +126,29 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, level_shapes: list[t
     in inverse-sigmoid space. Padding tokens and proposals not within (0.01, 0.99) in all four
     coordinates are invalid: their box becomes +inf and their memory 0. Official DINO still lets
     them compete in the top-Q selection (their score is that of a zero memory); so do we.
+
+    The sizes, 0.05 to 0.4 on the four levels, always are. A centre (k + 1/2) / n (pixel k of the n
+    unpadded ones) is tested on integers: it is within (0.01, 0.99) when n < 100 k + 50 < 99 n. That
+    is the official float32 test exactly on any map under 50,000 pixels wide, and it cannot depend on
+    how a division rounds: torch.compile's GPU kernels divide approximately, and the last row of a
+    50-row level, at 49.5 / 50 = 0.99 exactly, came out valid there and invalid in eager mode, which
+    changed the selected queries.
     memory (B, S, C), padding_mask (B, S), level_shapes [(H_l, W_l)] * L.
     Returns memory (B, S, C), proposals (B, S, 4) float32.
     """
     B = memory.shape[0]
-    proposals = []
+    proposals, inside = [], []
     level_masks = padding_mask.split([H * W for H, W in level_shapes], 1)
     for lvl, ((H, W), mask_l) in enumerate(zip(level_shapes, level_masks)):
-        scale = valid_sizes(mask_l.view(B, H, W)).view(B, 1, 2)
-        centres = pixel_centres(H, W, memory.device)[None] / scale  # (B, H*W, 2)
-        sizes = torch.ones_like(centres) * 0.05 * (2.0 ** lvl)
-        proposals.append(torch.cat((centres, sizes), -1))
+        n = valid_sizes(mask_l.view(B, H, W)).view(B, 1, 2)  # unpadded width and height
+        centres = pixel_centres(H, W, memory.device)[None]  # (1, H*W, 2): k + 1/2
+        hundredfold = (100 * centres).long()  # 100 k + 50, exact
+        inside.append(((n < hundredfold) & (hundredfold < 99 * n)).all(-1))
+        centres = centres / n  # (B, H*W, 2)
+        proposals.append(torch.cat((centres, torch.full_like(centres, 0.05 * 2.0 ** lvl)), -1))
     proposals = torch.cat(proposals, 1)
-    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
-    invalid = padding_mask[..., None] | ~valid
+    invalid = (padding_mask | ~torch.cat(inside, 1))[..., None]
     return memory.masked_fill(invalid, 0.0), proposals.masked_fill(invalid, float("inf"))
 
 

@@ -133,6 +133,48 @@ def test_encoder_proposals_mark_padding_and_border_tokens_invalid():
     assert (out_memory[0, 0] == 0).all() and (out_memory[0, 1] == 1).all()
 
 
+class ApproximateDivision(torch.overrides.TorchFunctionMode):
+    """Every floating-point division one ulp off, towards `direction`, as a GPU compiler's approximate
+    division may round (torch.compile's Triton kernels divide with div.full.f32)."""
+
+    def __init__(self, direction: float):
+        super().__init__()
+        self.direction = direction
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.Tensor.__truediv__, torch.Tensor.__rtruediv__, torch.Tensor.div, torch.div) \
+                and out.is_floating_point():
+            out = torch.nextafter(out, torch.full_like(out, self.direction))
+        return out
+
+
+@pytest.mark.parametrize("direction", [-math.inf, math.inf])
+def test_encoder_proposals_do_not_hang_on_how_a_division_rounds(direction):
+    """A 50-row level's last row sits at 49.5 / 50 = 0.99 and a 50-column level's first column at
+    0.5 / 50 = 0.01, exactly on the borders: both invalid, however the division rounds."""
+    memory = torch.ones(1, 50 * 3 + 2 * 50, 4)
+    padding = torch.zeros(1, memory.shape[1], dtype=torch.bool)
+    _, exact = encoder_proposals(memory, padding, [(50, 3), (2, 50)])
+    with ApproximateDivision(direction):
+        _, rounded = encoder_proposals(memory, padding, [(50, 3), (2, 50)])
+    invalid = torch.isinf(exact).all(-1)[0]
+    assert invalid[49 * 3:150].all() and invalid[150] and invalid[200]  # the last row; the first columns
+    assert torch.equal(torch.isinf(rounded).all(-1)[0], invalid)
+
+
+def test_encoder_proposals_validity_is_the_float32_test_of_the_official_code():
+    """Every pixel k < n of rows of every unpadded width n up to 2000: valid exactly where the float32
+    centre (k + 0.5) / n is within (0.01, 0.99)."""
+    N = 2000
+    padding = torch.arange(N)[None] >= torch.arange(1, N + 1)[:, None]  # row n-1 has n unpadded pixels
+    _, proposals = encoder_proposals(torch.ones(N, N, 1), padding, [(1, N)])
+    centres = (torch.arange(N, dtype=torch.float32) + 0.5)[None] / torch.arange(1, N + 1)[:, None]
+    official = (centres > 0.01) & (centres < 0.99) & ~padding
+    assert torch.equal(torch.isfinite(proposals).all(-1), official)
+    assert 0 < official.sum() < N * N
+
+
 def test_inverse_sigmoid_clamps_like_official():
     x = torch.tensor([0.0, 0.5, 1.0, 0.2])
     torch.testing.assert_close(inverse_sigmoid(x), torch.log(torch.tensor([1e-3 / 1, 1.0, 1 / 1e-3, 0.25])))
