@@ -3,13 +3,16 @@
     make gpu-check                                  # python bench/gpu_check.py --output gpu_check.md
     python bench/gpu_check.py --dry-run             # the same code with tiny shapes on the CPU (a test runs it)
 
-On one CUDA GPU, in about 6 minutes, each step timed and allowed to fail without stopping the others:
+On one CUDA GPU, in about 6 minutes (steps 1-5 took 4 to 5 on an H100), each step timed and allowed
+to fail without stopping the others:
   1. the kernel: builds msda_cuda (nvcc, just in time) and gives its self-check error for each dtype;
   2. `pytest -m cuda`: the kernel tests, on the GPU;
   3. the kernel against the reference and its bandwidth floor at DINO-4scale shapes (bench/msda.py);
   4. training steps (bench/train_step.py): Swin-L at 1.5x scale, batch 2 and batch 1, and R50 batch 2,
      peak memory and images/s with each memory option;
-  5. R50 800x1333 inference FPS, batch 1: fp32, bf16, and bf16 through eval.compile_model.
+  5. R50 800x1333 inference FPS, batch 1: fp32, bf16, and bf16 through eval.compile_model;
+  6. where the GPU's detections depart from the CPU's, stage by stage, eager and compiled
+     (bench/gpu_agreement.py).
 It needs torch, torchvision, numpy, scipy and ninja (pytest for step 2), never pycocotools. The table is
 printed last and written to --output after every step, so a run cut short still leaves what it measured.
 """
@@ -26,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import gpu_agreement  # noqa: E402
 import msda  # noqa: E402
 import msda_cuda  # noqa: E402
 import train_step  # noqa: E402
@@ -166,10 +170,14 @@ def cpu_reference(backbone: str, size, device: torch.device, overrides: dict) ->
     return {k: out[k] for k in ("pred_logits", "pred_boxes")}
 
 
+def inference_shape(device: torch.device) -> tuple[str, tuple[int, int]]:
+    return ("r50", (800, 1333)) if device.type == "cuda" else ("r18", (64, 96))
+
+
 def inference_step(report: Report, device: torch.device, shapes: dict):
     """Eager fp32 and bf16, then compiled (on a GPU also bf16 and bf16 with CUDA graphs); each run's
     detections against those of the eager fp32 model on the host's CPU (eval.detection_agreement)."""
-    backbone, size = ("r50", (800, 1333)) if device.type == "cuda" else ("r18", (64, 96))
+    backbone, size = inference_shape(device)
     reference = cpu_reference(backbone, size, device, shapes["overrides"])
     report.add(f"{backbone} {size[0]}x{size[1]}, batch 1, image tensor on the device to boxes on the host:", "",
                "| precision | path | images/s | first call s | agreement with the CPU's fp32 eager run | target |",
@@ -211,6 +219,8 @@ def main():
     step(report, "3. kernel against reference")(lambda: msda_step(report, device, shapes))
     step(report, "4. training step")(lambda: training_step(report, device, shapes, start + args.budget))
     step(report, "5. inference")(lambda: inference_step(report, device, shapes))
+    step(report, "6. where the GPU departs from the CPU")(
+        lambda: report.add(*gpu_agreement.measure(device, *inference_shape(device), shapes["overrides"])))
     report.add(f"Total {time.perf_counter() - start:.0f} s.")
     print("\n" + "\n".join(report.lines))
     print(f"\nwritten to {args.output}")

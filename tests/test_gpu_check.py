@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_agreement  # noqa: E402
 WITHOUT_PYCOCOTOOLS = """
 import runpy, sys
 sys.modules["pycocotools"] = None  # any import of it fails
@@ -20,10 +22,16 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = output.read_text()
     assert "FAILED" not in report, report
-    for step in range(1, 6):
+    for step in range(1, 7):
         assert f"_{step}. " in report and "done in" in report
     assert "`pytest -m cuda`: exit code 0" in report
     assert report.count("| r18 ") == 5  # every memory configuration trained
     assert "| fp32 | compiled |" in report
     assert "100% of the 100 best detections" in report  # compiled and eager agree with the CPU reference
     assert report.strip() in result.stdout  # the table is printed too
+    # step 6, stage by stage: on the CPU every run, compiled ones too, finds the reference's detections
+    stages = [line for line in report[report.index("each run on cpu"):].splitlines() if line.startswith("| ")][2:]
+    assert [line.split(" | ")[0] for line in stages] == ["| " + name for name, *_ in gpu_agreement.RUNS]
+    for line in stages:
+        found = [cell for cell in line.split(" | ") if cell.endswith("%")]
+        assert found and set(found) == {"100%"}, line
