@@ -179,7 +179,8 @@ def inference_step(report: Report, device: torch.device, shapes: dict):
     detections against those of the eager fp32 model on the host's CPU (eval.detection_agreement)."""
     backbone, size = inference_shape(device)
     reference = cpu_reference(backbone, size, device, shapes["overrides"])
-    report.add(f"{backbone} {size[0]}x{size[1]}, batch 1, image tensor on the device to boxes on the host:", "",
+    report.add(f"{backbone} {size[0]}x{size[1]}, batch 1, image tensor on the device to boxes on the host (fp32 as "
+               f"eval.py runs it: cuDNN's convolutions in TF32, torch's default; step 6 shows what that moves):", "",
                "| precision | path | images/s | first call s | agreement with the CPU's fp32 eager run | target |",
                "| --- | --- | --- | --- | --- | --- |")
     runs = [(False, "eager"), (True, "eager"), (False, "compiled")]
