@@ -53,23 +53,24 @@ def staged(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor, who
     return seen
 
 
+def boxes_and_logits(out: dict) -> dict:
+    return {k: out[k].float().cpu() for k in ("pred_logits", "pred_boxes")}
+
+
 def compare(got: dict, want: dict) -> list[str]:
+    """The table's cells for `got` against the reference `want` (both from staged)."""
     cells = []
     for key in ("features", "memory"):
-        if key in got:
-            errors = [relative_error(a, b) for a, b in zip(got[key], want[key])] if key == "features" else \
-                [relative_error(got[key], want[key])]
-            cells.append(f"{max(errors):.1e}")
-        else:
+        if key not in got:  # a model compiled whole shows only its outputs
             cells.append("")
+            continue
+        pairs = zip(got[key], want[key]) if key == "features" else [(got[key], want[key])]  # L maps; one tensor
+        cells.append(f"{max(relative_error(a, b) for a, b in pairs):.1e}")
     layers = lambda s: [s["outputs"]["interm_outputs"], *s["outputs"]["aux_outputs"], s["outputs"]]  # noqa: E731
     for g, w in zip(layers(got), layers(want)):
-        found, _ = detection_agreement({k: g[k].float().cpu() for k in ("pred_logits", "pred_boxes")},
-                                       {k: w[k].float().cpu() for k in ("pred_logits", "pred_boxes")})
-        cells.append(f"{100 * found:.0f}%")
-    final = {k: got["outputs"][k].float().cpu() for k in ("pred_logits", "pred_boxes")}
-    cells.append(f"{detection_agreement(final, {k: want['outputs'][k] for k in final})[1]:.1e}")
-    return cells
+        cells.append(f"{100 * detection_agreement(boxes_and_logits(g), boxes_and_logits(w))[0]:.0f}%")
+    score_gap = detection_agreement(boxes_and_logits(got["outputs"]), boxes_and_logits(want["outputs"]))[1]
+    return cells + [f"{score_gap:.1e}"]
 
 
 def measure(device: torch.device, backbone: str, size: tuple[int, int], overrides: dict) -> list[str]:
