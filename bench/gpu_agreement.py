@@ -12,6 +12,7 @@ proposals' border test, which a compiler's approximate division moved, was found
 """
 import copy
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -73,14 +74,28 @@ def compare(got: dict, want: dict) -> list[str]:
     return cells + [f"{score_gap:.1e}"]
 
 
-def measure(device: torch.device, backbone: str, size: tuple[int, int], overrides: dict) -> list[str]:
-    """The markdown table of every run in RUNS on `device` against the CPU's float32 eager run."""
+class Reference(NamedTuple):
+    model: torch.nn.Module  # on the CPU, float32, eval mode
+    images: torch.Tensor  # (1, 3, H, W)
+    mask: torch.Tensor  # (1, H, W)
+    seen: dict  # staged(model, images, mask): outputs, features, memory
+
+
+def cpu_reference(device: torch.device, backbone: str, size: tuple[int, int], overrides: dict) -> Reference:
+    """The model that gpu_check times (train_step.build_on: made on `device` from seed 0), copied to the
+    CPU, with train_step.batch's image, and its float32 eager run there, stage by stage."""
     model = build_on(device, backbone=backbone, **overrides).cpu().eval()
     images, mask, _ = batch(size, 1, torch.device("cpu"))
     with torch.inference_mode():
-        reference = staged(model, images, mask, whole=False)
-    layers = len(reference["outputs"]["aux_outputs"]) + 1
-    lines = [f"{backbone} {size[0]}x{size[1]}, batch 1, each run on {device} against the CPU's float32 eager run:", "",
+        return Reference(model, images, mask, staged(model, images, mask, whole=False))
+
+
+def measure(device: torch.device, backbone: str, reference: Reference) -> list[str]:
+    """The markdown table of every run in RUNS on `device` against the CPU's float32 eager run."""
+    model, images, mask, want = reference
+    layers = len(want["outputs"]["aux_outputs"]) + 1
+    H, W = images.shape[-2:]
+    lines = [f"{backbone} {H}x{W}, batch 1, each run on {device} against the CPU's float32 eager run:", "",
              "| run | features | memory | interm | " + " | ".join(f"layer {i + 1}" for i in range(layers))
              + " | largest score gap | seconds |", "| --- " * (layers + 6) + "|"]
     cudnn = torch.backends.cudnn
@@ -94,7 +109,7 @@ def measure(device: torch.device, backbone: str, size: tuple[int, int], override
         try:
             with torch.inference_mode():
                 got = staged(run, images.to(device, dtype), mask.to(device), whole=compiled == "whole")
-            cells = compare(got, reference)
+            cells = compare(got, want)
         except Exception as e:  # noqa: BLE001 - a run that breaks is reported and the others go on
             cells = [f"failed: {type(e).__name__}: {str(e)[:200]}"] + [""] * (layers + 3)
         finally:

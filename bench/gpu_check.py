@@ -18,6 +18,7 @@ printed last and written to --output after every step, so a run cut short still 
 """
 import argparse
 import datetime
+import functools
 import platform
 import subprocess
 import sys
@@ -160,25 +161,15 @@ def training_step(report: Report, device: torch.device, shapes: dict, deadline: 
     report.add("")
 
 
-def cpu_reference(backbone: str, size, device: torch.device, overrides: dict) -> dict:
-    """The eager float32 outputs, on the host's CPU, of the model every inference run times (the same
-    weights: made on `device` from the same seed), for the same image."""
-    model = train_step.build_on(device, backbone=backbone, **overrides).cpu().eval()
-    images, mask, _ = train_step.batch(size, 1, torch.device("cpu"))
-    with torch.inference_mode():
-        out = model(images, mask)
-    return {k: out[k] for k in ("pred_logits", "pred_boxes")}
-
-
 def inference_shape(device: torch.device) -> tuple[str, tuple[int, int]]:
     return ("r50", (800, 1333)) if device.type == "cuda" else ("r18", (64, 96))
 
 
-def inference_step(report: Report, device: torch.device, shapes: dict):
+def inference_step(report: Report, device: torch.device, shapes: dict, reference: dict):
     """Eager fp32 and bf16, then compiled (on a GPU also bf16 and bf16 with CUDA graphs); each run's
-    detections against those of the eager fp32 model on the host's CPU (eval.detection_agreement)."""
+    detections against `reference`, those of the eager fp32 model on the host's CPU, the same weights and
+    image (eval.detection_agreement)."""
     backbone, size = inference_shape(device)
-    reference = cpu_reference(backbone, size, device, shapes["overrides"])
     report.add(f"{backbone} {size[0]}x{size[1]}, batch 1, image tensor on the device to boxes on the host (fp32 as "
                f"eval.py runs it: cuDNN's convolutions in TF32, torch's default; step 6 shows what that moves):", "",
                "| precision | path | images/s | first call s | agreement with the CPU's fp32 eager run | target |",
@@ -219,9 +210,12 @@ def main():
     step(report, "2. pytest -m cuda")(lambda: pytest_step(report, timeout=240))
     step(report, "3. kernel against reference")(lambda: msda_step(report, device, shapes))
     step(report, "4. training step")(lambda: training_step(report, device, shapes, start + args.budget))
-    step(report, "5. inference")(lambda: inference_step(report, device, shapes))
+    # the CPU's run of the model that steps 5 and 6 time and compare, made once for both
+    reference = functools.cache(lambda: gpu_agreement.cpu_reference(device, *inference_shape(device),
+                                                                    shapes["overrides"]))
+    step(report, "5. inference")(lambda: inference_step(report, device, shapes, reference().seen["outputs"]))
     step(report, "6. where the GPU departs from the CPU")(
-        lambda: report.add(*gpu_agreement.measure(device, *inference_shape(device), shapes["overrides"])))
+        lambda: report.add(*gpu_agreement.measure(device, inference_shape(device)[0], reference())))
     report.add(f"Total {time.perf_counter() - start:.0f} s.")
     print("\n" + "\n".join(report.lines))
     print(f"\nwritten to {args.output}")
