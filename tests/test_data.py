@@ -175,6 +175,9 @@ def test_corrupt_image_is_named(tmp_path):
     (lambda d: d["annotations"][1].update(bbox=[5, 5, -20, 20]), "annotation 2: bbox .* negative width"),
     (lambda d: d["annotations"][1].update(bbox=[5, float("nan"), 20, 20]), "annotation 2: bbox .* finite numbers"),
     (lambda d: d["annotations"][1].update(bbox=[60, 5, 20, 20]), "annotation 2: bbox .* outside its 50x50 image"),
+    (lambda d: d["annotations"][1].update(bbox=[50, 5, 20, 20]), "annotation 2: bbox .* outside its 50x50 image"),
+    (lambda d: d["annotations"][1].update(bbox=[5, -30, 20, 30]), "annotation 2: bbox .* outside its 50x50 image"),
+    (lambda d: d["annotations"][1].update(bbox=[5, 5, 20, -20]), "annotation 2: bbox .* negative width or height"),
 ])
 def test_bad_annotations_are_named(tmp_path, change, message):
     images_dir, ann_file = write_awkward_dataset(tmp_path)
@@ -223,6 +226,18 @@ def test_boxes_beyond_the_image_are_clipped_and_empty_ones_dropped_for_training_
     assert 4 not in dataset.coco.anns  # the zero-width box, in neither
     assert any("1 box(es) reach beyond their image" in n for n in notes)
     assert any("1 empty box(es)" in n for n in notes)
+
+
+def test_boxes_are_clipped_to_the_width_in_x_and_the_height_in_y(tmp_path):
+    """On a non-square image (image 1: 60 wide, 40 high once EXIF-rotated): a box beyond the right edge
+    stops at the width, one beyond the bottom edge at the height."""
+    images_dir, ann_file = write_awkward_dataset(tmp_path)
+    edit_annotations(ann_file, lambda d: d["annotations"].extend([
+        {"id": 6, "image_id": 1, "category_id": 3, "bbox": [50, 5, 20, 10], "iscrowd": 0, "area": 200},
+        {"id": 7, "image_id": 1, "category_id": 3, "bbox": [5, 30, 20, 20], "iscrowd": 0, "area": 400}]))
+    dataset = CocoDetection(images_dir, ann_file, identity_transform(), log=lambda _: None)
+    assert dataset.coco.anns[6]["bbox"] == [50, 5, 10, 10]
+    assert dataset.coco.anns[7]["bbox"] == [5, 30, 20, 10]
 
 
 def test_images_without_a_size_in_the_file_get_it_from_the_image(tmp_path):

@@ -116,3 +116,28 @@ def test_label_noise_flips_about_a_quarter_of_the_labels():
     labels = dn.content[0, :, 0]
     # flipped with probability 0.25 to a uniform class, which is class 0 again 1% of the time
     assert abs((labels != 0).float().mean().item() - 0.25 * 0.99) < 0.03
+
+
+def test_built_positives_lie_within_lambda_and_negatives_within_lambda_to_2_lambda():
+    """Sec. 3.3's two bands, on the queries the model gets: in every group, each corner of a positive's box
+    moved by less than lambda times its object's half width / height, each corner of a negative's by
+    lambda to 2 lambda (the official noise model, per coordinate). Boxes sit mid-image: no clipping."""
+    torch.manual_seed(0)
+    lam = 0.4
+    targets = [{"labels": torch.tensor([1, 2, 3]),
+                "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.4, 0.6, 0.1, 0.2], [0.6, 0.4, 0.3, 0.1]],
+                                      dtype=torch.float64)}]
+    dn = build_cdn_queries(targets, nn.Embedding(11, 16).double(), num_classes=10, num_queries=5,
+                           dn_number=300, box_noise_scale=lam, label_noise_ratio=0.0)
+    assert dn.num_groups == 100 and dn.group_size == 6
+    truth = box_convert(targets[0]["boxes"], "cxcywh", "xyxy")
+    half = targets[0]["boxes"][:, 2:].repeat(1, 2) / 2
+    slots = dn.boxes[0].view(dn.num_groups, 2, 3, 4)  # (group, positive / negative, object, 4)
+    moved = (box_convert(slots, "cxcywh", "xyxy") - truth).abs() / half / lam  # in units of lambda
+    positives, negatives = moved[:, 0], moved[:, 1]
+    assert positives.max() < 1 + 1e-9 and positives.max() > 0.98
+    assert negatives.min() > 1 - 1e-9 and negatives.max() < 2 + 1e-9 and negatives.max() > 1.98
+    # the positive query of object j in group g is the one the loss asks to reconstruct object j
+    query_idx, target_idx = dn.positive_indices([3])[0]
+    assert torch.equal(query_idx, torch.arange(100).repeat_interleave(3) * 6 + torch.arange(3).repeat(100))
+    assert torch.equal(target_idx, torch.arange(3).repeat(100))

@@ -27,6 +27,18 @@ def test_focal_l1_and_giou_terms_by_hand():
     torch.testing.assert_close(halved["loss_bbox"], terms["loss_bbox"] / 2)
 
 
+def test_focal_loss_weighs_positives_by_alpha_and_negatives_by_one_minus_alpha():
+    """Two queries of different confidence, one matched (class 0), one not: the focal terms by hand
+    (RetinaNet arXiv 1708.02002v2 Eq. 5, alpha 0.25 on the positives, gamma 2)."""
+    logits = torch.tensor([[[1.0], [-0.5]]], dtype=torch.float64)
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]], dtype=torch.float64)
+    targets = [{"labels": torch.tensor([0]), "boxes": boxes[0, :1]}]
+    terms = set_loss(logits, boxes, targets, [(torch.tensor([0]), torch.tensor([0]))], num_boxes=1.0)
+    p0, p1 = torch.sigmoid(torch.tensor(1.0, dtype=torch.float64)), torch.sigmoid(torch.tensor(-0.5, dtype=torch.float64))
+    expected = 0.25 * (1 - p0) ** 2 * -torch.log(p0) + 0.75 * p1 ** 2 * -torch.log(1 - p1)
+    torch.testing.assert_close(terms["loss_ce"], expected)
+
+
 def random_leaves(B=2, Q=6, K=3, D=8, layers=2):
     """(logits, raw boxes) leaf pairs for: each decoder layer, the interm outputs, each DN layer."""
     sizes = [Q] * (layers + 1) + [D] * layers
@@ -88,7 +100,9 @@ def test_images_without_objects_push_all_scores_down():
            "interm_outputs": {"pred_logits": logits, "pred_boxes": boxes}}
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4, dtype=torch.float64)}] * 2
     terms = build_criterion()(out, empty)
-    assert terms["loss_bbox"] == 0 and terms["loss_giou"] == 0 and terms["loss_ce"] > 0
+    assert terms["loss_bbox"] == 0 and terms["loss_giou"] == 0
+    # no objects: the focal loss of 30 "no object" sigmoids at p = 0.5, normalised by one object, not by zero
+    torch.testing.assert_close(terms["loss_ce"], torch.tensor(30 * 0.75 * 0.25 * math.log(2), dtype=torch.float64))
     terms["loss"].backward()
     assert (logits.grad > 0).all()  # gradient descent lowers every logit
 

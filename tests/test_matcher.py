@@ -42,6 +42,39 @@ def test_class_cost_is_the_focal_loss_difference():
                                torch.tensor(-1.0, dtype=torch.float64))
 
 
+def test_box_cost_is_the_l1_distance_and_giou_by_hand():
+    """A 2x2 case worked out on paper: the L1 cost sums the four absolute differences (p=1, not the
+    Euclidean distance), the GIoU cost is minus the GIoU of the two boxes in x1y1x2y2."""
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.1, 0.4]], dtype=torch.float64)
+    target = torch.tensor([[0.6, 0.4, 0.2, 0.3], [0.3, 0.3, 0.3, 0.3]], dtype=torch.float64)
+    logits = torch.zeros(2, 1, dtype=torch.float64)
+    labels = torch.tensor([0, 0])
+    l1 = matching_cost(logits, boxes, labels, target, cost_class=0.0, cost_bbox=1.0, cost_giou=0.0)
+    expected = torch.tensor([[0.1 + 0.1 + 0.0 + 0.1, 0.2 + 0.2 + 0.1 + 0.1],
+                             [0.3 + 0.2 + 0.1 + 0.1, 0.0 + 0.3 + 0.2 + 0.1]], dtype=torch.float64)
+    torch.testing.assert_close(l1, expected)
+    torch.testing.assert_close(matching_cost(logits, boxes, labels, target, 0.0, 5.0, 0.0), 5 * expected)
+    # box 0 (.4,.4,.6,.6) against target 0 (.5,.25,.7,.55): intersection .1 x .15 = .015, union .04 + .06 - .015
+    # = .085, enclosing (.4,.25,.7,.6) = .105: GIoU = .015 / .085 - (.105 - .085) / .105
+    giou = matching_cost(logits, boxes, labels, target, cost_class=0.0, cost_bbox=0.0, cost_giou=2.0)
+    torch.testing.assert_close(giou[0, 0], torch.tensor(-2 * (0.015 / 0.085 - 0.02 / 0.105), dtype=torch.float64))
+
+
+def test_every_cost_term_moves_the_assignment():
+    """Two queries, two objects: each cost alone prefers its own assignment, so a cost left out, or read
+    from the wrong term, gives the other one."""
+    target = {"labels": torch.tensor([0, 1]),
+              "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]], dtype=torch.float64)}
+    # query 0 scores class 1 and sits on object 0; query 1 scores class 0 and sits on object 1
+    logits = torch.tensor([[[-5.0, 5.0], [5.0, -5.0]]], dtype=torch.float64)
+    boxes = target["boxes"][None].clone()
+    by_class = hungarian_match(logits, boxes, [target], cost_class=1.0, cost_bbox=0.0, cost_giou=0.0)[0]
+    by_l1 = hungarian_match(logits, boxes, [target], cost_class=0.0, cost_bbox=1.0, cost_giou=0.0)[0]
+    by_giou = hungarian_match(logits, boxes, [target], cost_class=0.0, cost_bbox=0.0, cost_giou=1.0)[0]
+    assert by_class[1].tolist() == [1, 0]
+    assert by_l1[1].tolist() == [0, 1] and by_giou[1].tolist() == [0, 1]
+
+
 def test_matching_follows_a_permutation_of_the_targets():
     torch.manual_seed(0)
     logits, boxes, target = random_problem(8, 4)
