@@ -57,22 +57,8 @@ def stored_image_size(path: Path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def load_coco(ann_file: str | Path, image_dir: str | Path | None = None, log=print):
-    """pycocotools' COCO index of `ann_file`, checked and repaired first, so that training and evaluation
-    read the same, right annotations or stop before any work.
-
-    Refused, with a DataError naming the file, the entry and the field: ids that are not integers, image,
-    annotation or category ids given twice, annotations of unknown images or categories, boxes that are
-    not four finite numbers, have a negative width or height, or lie entirely outside their image.
-    Repaired, with one line each in `log`: a missing `area` (the box's width x height) or `iscrowd` (0),
-    boxes that reach beyond their image, clipped to it, and empty boxes (zero width or height), dropped.
-    The repairs are made in the index itself, so training targets and the evaluation's ground truth are
-    the same boxes. Images whose width and height the file omits get them from the files in `image_dir`.
-    """
-    # imported here, as in eval.coco_metrics: the model, the training step and the benchmarks import this
-    # module but read no annotation files (GPU machines without pycocotools run them)
-    from pycocotools.coco import COCO
-    ann_file = Path(ann_file)
+def read_coco_json(ann_file: Path) -> dict:
+    """The parsed annotation file, with its three lists and unique integer ids checked."""
     try:
         data = json.loads(ann_file.read_text())
     except FileNotFoundError:
@@ -91,12 +77,12 @@ def load_coco(ann_file: str | Path, image_dir: str | Path | None = None, log=pri
             if entry["id"] in seen:
                 raise DataError(f"{ann_file}: {what} id {entry['id']} appears twice in '{key}' (ids must be unique)")
             seen.add(entry["id"])
-    images = {img["id"]: img for img in data["images"]}
+    return data
+
+
+def checked_annotations(data: dict, images: dict[int, dict], ann_file: Path, log) -> list[dict]:
+    """The annotations that are kept, checked and repaired as load_coco says, each repair logged."""
     category_ids = {c["id"] for c in data["categories"]}
-    if image_dir is not None:
-        for img in images.values():
-            if not (_is_int(img.get("width")) and _is_int(img.get("height"))) and (Path(image_dir) / img["file_name"]).is_file():
-                img["width"], img["height"] = stored_image_size(Path(image_dir) / img["file_name"])
     invalid, filled, clipped, kept = [], {"area": 0, "iscrowd": 0}, 0, []
     for ann in data["annotations"]:
         where = f"annotation {ann['id']}"
@@ -124,10 +110,9 @@ def load_coco(ann_file: str | Path, image_dir: str | Path | None = None, log=pri
                 continue
             if (x1, y1, x2, y2) != (x, y, x + w, y + h):
                 ann["bbox"], clipped = [x1, y1, x2 - x1, y2 - y1], clipped + 1
-        if "area" not in ann:
-            ann["area"], filled["area"] = ann["bbox"][2] * ann["bbox"][3], filled["area"] + 1
-        if "iscrowd" not in ann:
-            ann["iscrowd"], filled["iscrowd"] = 0, filled["iscrowd"] + 1
+        for key, value in (("area", ann["bbox"][2] * ann["bbox"][3]), ("iscrowd", 0)):
+            if key not in ann:
+                ann[key], filled[key] = value, filled[key] + 1
         kept.append(ann)
     if invalid:
         raise DataError(f"{ann_file}: {len(invalid)} invalid box(es): {_listed(invalid)}")
@@ -140,7 +125,32 @@ def load_coco(ann_file: str | Path, image_dir: str | Path | None = None, log=pri
     if len(kept) < len(data["annotations"]):
         log(f"{ann_file}: {len(data['annotations']) - len(kept)} empty box(es) (zero width or height): left out "
             f"of training and evaluation")
-        data["annotations"] = kept
+    return kept
+
+
+def load_coco(ann_file: str | Path, image_dir: str | Path | None = None, log=print):
+    """pycocotools' COCO index of `ann_file`, checked and repaired first, so that training and evaluation
+    read the same, right annotations or stop before any work.
+
+    Refused, with a DataError naming the file, the entry and the field: ids that are not integers, image,
+    annotation or category ids given twice, annotations of unknown images or categories, boxes that are
+    not four finite numbers, have a negative width or height, or lie entirely outside their image.
+    Repaired, with one line each in `log`: a missing `area` (the box's width x height) or `iscrowd` (0),
+    boxes that reach beyond their image, clipped to it, and empty boxes (zero width or height), dropped.
+    The repairs are made in the index itself, so training targets and the evaluation's ground truth are
+    the same boxes. Images whose width and height the file omits get them from the files in `image_dir`.
+    """
+    # imported here, as in eval.coco_metrics: the model, the training step and the benchmarks import this
+    # module but read no annotation files (GPU machines without pycocotools run them)
+    from pycocotools.coco import COCO
+    ann_file = Path(ann_file)
+    data = read_coco_json(ann_file)
+    images = {img["id"]: img for img in data["images"]}
+    if image_dir is not None:
+        for img in images.values():
+            if not (_is_int(img.get("width")) and _is_int(img.get("height"))) and (Path(image_dir) / img["file_name"]).is_file():
+                img["width"], img["height"] = stored_image_size(Path(image_dir) / img["file_name"])
+    data["annotations"] = checked_annotations(data, images, ann_file, log)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
