@@ -27,9 +27,9 @@ from torchvision.ops import box_convert
 
 @dataclass
 class DNQueries:
-    content: Tensor      # (B, D, C) label embeddings; D = num_groups * group_size
-    boxes: Tensor        # (B, D, 4) noised boxes (cx, cy, w, h) in [0, 1]; padding slots 0.5
-    attn_mask: Tensor    # (D + Q, D + Q) bool, True where a query (row) may not attend to a key (column)
+    content: Tensor      # (B, Q_dn, C) label embeddings; Q_dn = num_groups * group_size
+    boxes: Tensor        # (B, Q_dn, 4) noised boxes (cx, cy, w, h) in [0, 1]; padding slots 0.5
+    attn_mask: Tensor    # (Q_dn + Q, Q_dn + Q) bool, True where a query (row) may not attend to a key (column)
     num_groups: int
     group_size: int      # 2 * G_max: G_max positive slots, then G_max negative slots
 
@@ -67,7 +67,7 @@ def build_cdn_queries(targets: list[dict], label_embed: nn.Embedding, num_classe
     B, C = len(targets), label_embed.embedding_dim
     num_groups = max(1, dn_number // g_max)
     group_size = 2 * g_max
-    D = num_groups * group_size
+    num_dn = num_groups * group_size  # Q_dn
     device = label_embed.weight.device
 
     labels = torch.cat([t["labels"] for t in targets]).to(device)  # (N,), N = sum_b G_b
@@ -85,13 +85,13 @@ def build_cdn_queries(targets: list[dict], label_embed: nn.Embedding, num_classe
     labels = torch.where(flip, torch.randint_like(labels, 0, num_classes), labels)
     noised = box_convert(jitter_boxes(boxes, negative, box_noise_scale).clamp(0.0, 1.0), "xyxy", "cxcywh")
 
-    content = label_embed.weight.new_zeros(B, D, C)  # padding slots: zero content, centred box
-    padded_boxes = noised.new_full((B, D, 4), 0.5)
+    content = label_embed.weight.new_zeros(B, num_dn, C)  # padding slots: zero content, centred box
+    padded_boxes = noised.new_full((B, num_dn, 4), 0.5)
     content[image, slot] = label_embed(labels)
     padded_boxes[image, slot] = noised
 
-    group = torch.arange(D, device=device) // group_size
-    attn_mask = torch.zeros(D + num_queries, D + num_queries, dtype=torch.bool, device=device)
-    attn_mask[:D, :D] = group[:, None] != group[None, :]  # groups never see each other
-    attn_mask[D:, :D] = True  # matching queries never see DN queries (they would see the answers)
+    group = torch.arange(num_dn, device=device) // group_size
+    attn_mask = torch.zeros(num_dn + num_queries, num_dn + num_queries, dtype=torch.bool, device=device)
+    attn_mask[:num_dn, :num_dn] = group[:, None] != group[None, :]  # groups never see each other
+    attn_mask[num_dn:, :num_dn] = True  # matching queries never see DN queries (they would see the answers)
     return DNQueries(content, padded_boxes, attn_mask, num_groups, group_size)

@@ -6,8 +6,9 @@ images -> backbone (3 maps, strides 8/16/32) + a 4th map (stride 64) -> 6-layer 
 -> class and box heads shared by all layers. In training, contrastive denoising queries (Sec. 3.3,
 denoising.py) ride along in the decoder.
 
-Shapes, one notation throughout: B batch, Q queries (DN plus matching), L levels, S = sum_l H_l*W_l
-tokens, M heads, P points, C = hidden_dim (256), K classes, G ground-truth boxes.
+Shapes, one notation throughout: B batch, Q queries (in training Q_dn denoising queries first, then the
+matching ones), L levels, S = sum_l H_l*W_l tokens, M heads, D = C / M channels per head, P points,
+C = hidden_dim (256), K classes, G ground-truth boxes.
 Boxes are (cx, cy, w, h) in [0, 1] of each image's valid (unpadded) size unless named otherwise.
 
 This model computes what official DINO (IDEA-Research/DINO, DINO-4scale) computes with the same
@@ -29,7 +30,7 @@ from denoising import build_cdn_queries
 from msda_cuda import level_start_index_of
 
 NUM_LEVELS = 4  # DINO-4scale: strides 8, 16, 32 from the backbone plus a stride-64 map
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu}  # config.ACTIVATIONS names them
 
 
 # --- helpers: positions, boxes --------------------------------------------------------------------
@@ -73,7 +74,7 @@ def box_sine_embedding(boxes: Tensor, num_feats: int) -> Tensor:
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-3)
 
 
-def valid_sizes(mask: Tensor) -> Tensor:
+def unpadded_wh(mask: Tensor) -> Tensor:
     """mask (B, H, W), True on padding -> (B, 2) int64: the unpadded width and height in pixels."""
     return torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1)
 
@@ -81,7 +82,7 @@ def valid_sizes(mask: Tensor) -> Tensor:
 def valid_ratios(mask: Tensor) -> Tensor:
     """mask (B, H, W) -> (B, 2) float32: the unpadded fraction of the width and the height."""
     _, H, W = mask.shape
-    return valid_sizes(mask).float() / torch.tensor([W, H], dtype=torch.float32, device=mask.device)
+    return unpadded_wh(mask).float() / torch.tensor([W, H], dtype=torch.float32, device=mask.device)
 
 
 def pixel_centres(H: int, W: int, device: torch.device) -> Tensor:
@@ -98,10 +99,14 @@ def level_layout(shapes: tuple[tuple[int, int], ...], device: torch.device) -> t
         return spatial_shapes, level_start_index_of(spatial_shapes)
 
 
-# Eager forwards make each layout once: the same two tensors every forward, so neither copying them to the
-# GPU nor ms_deform_attn's check of them (a read back to the host) waits for the GPU again. (A compiled
-# forward makes them inside its graph, where they are constants.)
-cached_level_layout = functools.lru_cache(maxsize=256)(level_layout)
+_level_layouts = functools.lru_cache(maxsize=256)(level_layout)
+
+
+def cached_level_layout(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """level_layout, made once per layout in eager forwards: the same two tensors every forward, so neither
+    copying them to the GPU nor ms_deform_attn's check of them (a read back to the host) waits for the GPU
+    again. (A compiled forward makes them inside its graph, where they are constants.)"""
+    return level_layout(shapes, device) if torch.compiler.is_compiling() else _level_layouts(shapes, device)
 
 
 def encoder_reference_points(level_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
@@ -140,7 +145,7 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, level_shapes: list[t
     proposals, inside = [], []
     level_masks = padding_mask.split([H * W for H, W in level_shapes], 1)
     for lvl, ((H, W), mask_l) in enumerate(zip(level_shapes, level_masks)):
-        n = valid_sizes(mask_l.view(B, H, W)).view(B, 1, 2)  # unpadded width and height
+        n = unpadded_wh(mask_l.view(B, H, W)).view(B, 1, 2)  # unpadded width and height
         centres = pixel_centres(H, W, memory.device)[None]  # (1, H*W, 2): k + 1/2
         hundredfold = (100 * centres).long()  # 100 k + 50, exact
         inside.append(((n < hundredfold) & (hundredfold < 99 * n)).all(-1))
@@ -174,7 +179,7 @@ class FFN(nn.Module):
         self.linear1 = nn.Linear(cfg.hidden_dim, cfg.dim_feedforward)
         self.linear2 = nn.Linear(cfg.dim_feedforward, cfg.hidden_dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.activation = ACTIVATIONS[cfg.activation]
+        self.activation = ACTIVATION_FUNCTIONS[cfg.activation]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.linear2(self.dropout(self.activation(self.linear1(x)))))
@@ -244,6 +249,15 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
+    """The 6-layer decoder of DINO (Sec. 3.1, 3.5): each layer refines every query's anchor box, and the next
+    layer reads its queries' positions from the refined boxes (DAB-DETR's anchors as positional queries).
+
+    Layers: self-attention among the queries (the denoising mask keeps groups apart), deformable
+    cross-attention into the encoder's memory around each anchor box, FFN; post-norm. A shared final
+    LayerNorm gives the hidden states that the class and box heads read; `forward` takes the box head
+    (shared with DINO's outputs) and returns each layer's supervised boxes (look forward twice).
+    """
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
@@ -257,13 +271,14 @@ class Decoder(nn.Module):
                 self_attn_mask: Tensor | None, box_head: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         """query (B, Q, C) content queries; anchors (B, Q, 4) boxes in [0, 1], not requiring grad.
 
-        Returns the normed hidden states of every layer, [(B, Q, C)] * n_layers, and the boxes that each
-        layer's predicted boxes refine, [(B, Q, 4)] * n_layers: `look_forward_twice`. For layer i > 0
-        these are layer i-1's refined boxes *with* their gradient, so the loss of layer i also trains the
-        box prediction of layer i-1: "look forward twice" (Sec. 3.5). The next layer itself starts from
-        the detached boxes ("look forward once", Deformable DETR).
+        Returns every layer's normed hidden states, [(B, Q, C)] * n_layers, and its supervised boxes,
+        [(B, Q, 4)] * n_layers (cx, cy, w, h) in [0, 1]: the box head's refinement of the box before it.
+        Look forward twice (Sec. 3.5): the box that layer i's supervised box refines is layer i-1's
+        refined box *with* its gradient, so the loss of layer i also trains layer i-1's box prediction;
+        the next layer itself starts from the refined box detached (look forward once, Deformable DETR).
         """
-        hidden_states, look_forward_twice = [], [anchors]
+        hidden_states, supervised_boxes = [], []
+        box_before = anchors  # what the next supervised box refines: the anchors, then each layer's refined box
         ratios4 = torch.cat([ratios, ratios], -1)[:, None]  # (B, 1, L, 4)
         for layer in self.layers:
             reference_boxes = anchors[:, :, None] * ratios4  # (B, Q, L, 4) in each padded map's units
@@ -271,17 +286,37 @@ class Decoder(nn.Module):
             query_pos = self.query_pos_head(box_sine_embedding(reference_boxes[:, :, 0], query.shape[-1] // 2))
             query = run_layer(layer, self.checkpointing, query, query_pos, reference_boxes, memory, spatial_shapes,
                               level_start_index, memory_padding_mask, self_attn_mask)
-            # official DINO: the refinement reads the layer's output before the shared final norm
+            hidden = self.norm(query)
+            hidden_states.append(hidden)
+            supervised_boxes.append((box_head(hidden) + inverse_sigmoid(box_before)).sigmoid())
+            # official DINO: the next layer's anchors are refined from the layer's output before the shared
+            # final norm (the supervised box above, from after it): two readings of the one box head
             refined = (box_head(query) + inverse_sigmoid(anchors)).sigmoid()
-            hidden_states.append(self.norm(query))
-            look_forward_twice.append(refined)  # kept with its gradient for the next layer's boxes
-            anchors = refined.detach()
-        return hidden_states, look_forward_twice[:-1]
+            box_before, anchors = refined, refined.detach()
+        return hidden_states, supervised_boxes
 
 
 # --- the detector ---------------------------------------------------------------------------------------
 
 class DINO(nn.Module):
+    """DINO-4scale (Sec. 3, Fig. 2): backbone, deformable encoder, mixed query selection, decoder with look
+    forward twice, and the contrastive denoising queries in training. Build it with `build_dino`.
+
+    Input: images (B, 3, H, W), ImageNet-normalised and zero-padded to the batch's size; mask (B, H, W), True
+    on padding (None: no padding); in training, targets [{"labels": (G_b,) int64 class ids,
+    "boxes": (G_b, 4) cxcywh in [0, 1] of the unpadded image}] * B for the denoising queries.
+    Output (a dict): "pred_logits" (B, Q, K) and "pred_boxes" (B, Q, 4) of the last decoder layer (cxcywh in
+    [0, 1] of each unpadded image; sigmoid of the logits = score per class), "aux_outputs" the same for
+    the earlier layers, "interm_outputs" the encoder's selected proposals, and in training with targets
+    "dn_outputs" (the denoising queries' predictions, same layout) and "dn_queries" (denoising.DNQueries).
+    `postprocess` turns the output into detections (x1y1x2y2 in pixels, scores, labels).
+
+    Example:
+        >>> model = build_dino("r50", num_classes=91).eval()
+        >>> out = model(torch.randn(1, 3, 800, 1216))
+        >>> detections = postprocess(out, [(800, 1216)])[0]  # {"scores", "labels", "boxes"}, best first
+    """
+
     def __init__(self, cfg: Config, backbone: nn.Module):
         super().__init__()
         self.cfg = cfg
@@ -372,8 +407,7 @@ class DINO(nn.Module):
         """The transformer and the heads on L feature maps srcs[l] (B, C, H_l, W_l), masks[l] (B, H_l, W_l)."""
         C = self.cfg.hidden_dim
         level_shapes = [tuple(s.shape[-2:]) for s in srcs]
-        layout = level_layout if torch.compiler.is_compiling() else cached_level_layout
-        spatial_shapes, level_start_index = layout(tuple(level_shapes), srcs[0].device)  # (L, 2), (L,)
+        spatial_shapes, level_start_index = cached_level_layout(tuple(level_shapes), srcs[0].device)  # (L, 2), (L,)
         pos = [sine_position_embedding(m, C // 2, self.cfg.pe_temperature).to(s.dtype) for m, s in zip(masks, srcs)]
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl] for lvl, p in enumerate(pos)], 1)
@@ -390,12 +424,10 @@ class DINO(nn.Module):
         if dn is not None:
             content = torch.cat([dn.content, content], 1)
             anchors_unsig = torch.cat([inverse_sigmoid(dn.boxes), anchors_unsig], 1)
-        hidden_states, look_forward_twice = self.decoder(
+        hidden_states, boxes = self.decoder(
             content, anchors_unsig.sigmoid(), memory, spatial_shapes, level_start_index, ratios, padding_mask,
             dn.attn_mask if dn is not None else None, self.box_head)
-
         logits = [self.class_head(h) for h in hidden_states]
-        boxes = [(self.box_head(h) + inverse_sigmoid(ref)).sigmoid() for h, ref in zip(hidden_states, look_forward_twice)]
         num_dn = dn.content.shape[1] if dn is not None else 0  # the DN queries come first
         out = _layer_outputs([l[:, num_dn:] for l in logits], [b[:, num_dn:] for b in boxes])
         out["interm_outputs"] = interm
@@ -411,12 +443,13 @@ def _layer_outputs(logits: list[Tensor], boxes: list[Tensor]) -> dict:
             "aux_outputs": [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits[:-1], boxes[:-1])]}
 
 
-def build_dino(backbone: str = "r50", num_classes: int = 91, pretrained_backbone: bool = False, **overrides) -> DINO:
+def build_dino(backbone: str = "r50", num_classes: int = 91, imagenet_backbone: bool = False, **overrides) -> DINO:
     """DINO-4scale with `backbone` in ("r50", "swinl", "r18"); overrides are Config fields
     (hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, num_queries, ...).
-    `pretrained_backbone` fetches torchvision's ImageNet weights (ResNets only)."""
+    `imagenet_backbone` fetches torchvision's ImageNet weights (ResNets only; train.py's --pretrained-backbone
+    takes those or a file)."""
     cfg = make_config(backbone=backbone, num_classes=num_classes, **overrides)  # every value checked
-    body = build_backbone(cfg.backbone, pretrained_backbone, cfg.drop_path_rate, cfg.backbone_checkpointing)
+    body = build_backbone(cfg.backbone, imagenet_backbone, cfg.drop_path_rate, cfg.backbone_checkpointing)
     return DINO(cfg, body)
 
 

@@ -202,7 +202,7 @@ def estimate(overrides: dict, size: tuple[int, int], batch_size: int) -> tuple[f
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
-        model_module.cached_level_layout.cache_clear()  # it holds fake tensors now
+        model_module._level_layouts.cache_clear()  # it holds fake tensors now
     return tracker.peak / 2 ** 30, tracker.at_peak
 
 

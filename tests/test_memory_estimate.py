@@ -46,4 +46,4 @@ def test_the_estimate_leaves_the_real_functions_in_place():
     assert originals == (F.layer_norm, torch.Tensor.softmax, F.scaled_dot_product_attention,
                          torch.nn.init.trunc_normal_, deformable_attn.ms_deform_attn, losses.hungarian_match_sets)
     assert deformable_attn.ms_deform_attn is msda_cuda.ms_deform_attn
-    assert model.cached_level_layout.cache_info().currsize == 0  # no fake tensors left for real forwards
+    assert model._level_layouts.cache_info().currsize == 0  # no fake tensors left for real forwards

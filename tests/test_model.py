@@ -89,17 +89,41 @@ def test_gradients_reach_every_trainable_parameter():
 
 
 def test_look_forward_twice_trains_the_previous_layers_box_prediction():
-    """Layer i's boxes refine layer i-1's refined boxes with their gradient (Sec. 3.5), while layer i
-    itself starts from them detached."""
-    model = tiny_dino(dec_layers=3).train()
+    """Sec. 3.5: layer i's supervised box is sigmoid(delta_i + inverse_sigmoid(b_{i-1})), b_{i-1} layer i-1's
+    refined box *with* its gradient, while layer i itself starts from b_{i-1} detached. So the gradient that
+    layer i's boxes send to the box head's last bias comes twice, through delta_i and through b_{i-1} (whose
+    inverse sigmoid undoes its own sigmoid: a factor of exactly 1), and once for layer 0, whose boxes refine
+    the detached anchors: 2 * sum b (1 - b) against 1 * sum b (1 - b). Look forward once gives 1 for every
+    layer; a next layer started from undetached boxes adds more."""
+    model = tiny_dino(dec_layers=3).double().eval()
+    with torch.no_grad():  # leave the zero initialisations, under which the refinement is the identity
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
     captured = {}
-    model.decoder.register_forward_hook(lambda module, args, output: captured.update(look_forward_twice=output[1]))
-    model(torch.randn(1, 3, 96, 128))
-    first, *later = captured["look_forward_twice"]
-    assert not first.requires_grad  # the selected anchors are detached (Sec. 3.4)
-    assert all(r.requires_grad for r in later)
-    grad = torch.autograd.grad(later[0].sum(), model.box_head.layers[2].bias)[0]
-    assert grad.abs().sum() > 0
+    model.decoder.register_forward_hook(lambda module, args, output: captured.update(boxes=output[1]))
+    model(torch.randn(1, 3, 96, 128, dtype=torch.float64))
+    bias = model.box_head.layers[-1].bias
+    for i, boxes in enumerate(captured["boxes"]):
+        grad = torch.autograd.grad(boxes.sum(), bias, retain_graph=True)[0]
+        expected = (1 if i == 0 else 2) * (boxes * (1 - boxes)).sum((0, 1))
+        torch.testing.assert_close(grad, expected, msg=f"layer {i}")
+
+
+def test_each_decoder_layer_starts_from_detached_boxes():
+    """Look forward once (Deformable DETR): the boxes a decoder layer reads, its deformable attention's
+    reference boxes and its positional query's source, carry no gradient back into the earlier layers,
+    in training with denoising queries as in evaluation."""
+    model = tiny_dino(dec_layers=3).train()
+    with torch.no_grad():  # leave the zero initialisations, under which the refinement is the identity
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    seen = []
+    for layer in model.decoder.layers:
+        layer.register_forward_pre_hook(lambda module, args: seen.append(args[2]))
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]])}]
+    out = model(torch.randn(1, 3, 96, 128), targets=targets)
+    assert len(seen) == 3 and not any(boxes.requires_grad for boxes in seen)
+    assert out["pred_boxes"].requires_grad and out["aux_outputs"][0]["pred_boxes"].requires_grad
 
 
 def test_sine_position_embedding_follows_the_valid_region():
@@ -131,6 +155,23 @@ def test_encoder_proposals_mark_padding_and_border_tokens_invalid():
     torch.testing.assert_close(proposals[0, 1].sigmoid(), torch.tensor([1.5 / 60, 0.25, 0.05, 0.05]))
     assert torch.isinf(proposals[0, 120]).all() and (out_memory[0, 120] == 0).all()
     assert (out_memory[0, 0] == 0).all() and (out_memory[0, 1] == 1).all()
+
+
+def test_encoder_proposals_are_centred_on_their_token_and_double_in_size_with_each_level():
+    """A token at pixel (i, j) of level l proposes the box centred on that pixel, 0.05 * 2^l wide and high."""
+    shapes = [(8, 10), (4, 5), (2, 3), (1, 2)]
+    memory = torch.ones(1, sum(H * W for H, W in shapes), 4)
+    _, proposals = encoder_proposals(memory, torch.zeros(1, memory.shape[1], dtype=torch.bool), shapes)
+    start = 0
+    for lvl, (H, W) in enumerate(shapes):
+        level = proposals[0, start:start + H * W].view(H, W, 4)
+        valid = torch.isfinite(level).all(-1)
+        assert valid.any()
+        boxes = level[valid].sigmoid()
+        torch.testing.assert_close(boxes[:, 2:], torch.full_like(boxes[:, 2:], 0.05 * 2 ** lvl))
+        i, j = valid.nonzero()[0].tolist()
+        torch.testing.assert_close(level[i, j, :2].sigmoid(), torch.tensor([(j + 0.5) / W, (i + 0.5) / H]))
+        start += H * W
 
 
 class ApproximateDivision(torch.overrides.TorchFunctionMode):
@@ -249,9 +290,9 @@ def test_bf16_autocast_agrees_with_float32():
     assert (half - full).norm() / full.norm() < 0.03
     args = decoder_inputs["args"]
     with torch.no_grad():
-        hidden_full, refs_full = model.decoder(*args)
+        hidden_full, boxes_full = model.decoder(*args)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden_half, refs_half = model.decoder(*args)
-    assert refs_half[-1].dtype == torch.float32  # refinement in float32
-    assert 0 < (refs_half[-1] - refs_full[-1]).abs().max() < 0.01
+            hidden_half, boxes_half = model.decoder(*args)
+    assert boxes_half[-1].dtype == torch.float32  # refinement in float32
+    assert 0 < (boxes_half[-1] - boxes_full[-1]).abs().max() < 0.01
     assert (hidden_half[-1].float() - hidden_full[-1]).norm() / hidden_full[-1].norm() < 0.03
