@@ -30,6 +30,14 @@ def run_layer(layer: nn.Module, checkpointed: bool, *args):
     return layer(*args)
 
 
+def channels_last_on_cpu(images: Tensor) -> Tensor:
+    """The same images, in channels-last (NHWC) memory on the CPU: oneDNN's convolutions, batch norm and max
+    pooling are faster there (R50 at 800x1333, the backbone 1.3-1.5x as fast, bench/inference_cpu.py). The
+    weights may stay as they are; the features come out channels-last, and the encoder's flattening reads
+    them as is. Other devices get the images as they are."""
+    return images.contiguous(memory_format=torch.channels_last) if images.device.type == "cpu" else images
+
+
 # --- ResNet ------------------------------------------------------------------------------------
 
 class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
@@ -69,12 +77,7 @@ class ResNet(nn.Module):
         self.activation_checkpointing = activation_checkpointing
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        if images.device.type == "cpu":
-            # oneDNN's convolutions, batch norm and max pooling are faster on channels-last (NHWC) tensors:
-            # R50 at 800x1333, the backbone 1.3-1.5x as fast (bench/inference_cpu.py). The weights may stay as
-            # they are; the features come out channels-last, and the encoder's flattening reads them as is.
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.stages(images)
+        return self.stages(channels_last_on_cpu(images))
 
     def stages(self, x: Tensor) -> list[Tensor]:
         """The stem and the four stages on x (B, 3, H, W) in the memory layout it comes in: the outputs of

@@ -15,7 +15,27 @@ from torch import Tensor, nn
 from msda_cuda import ms_deform_attn
 
 
+def points_plus_pixel_offsets(reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor) -> Tensor:
+    """reference_points (B, Q, L, 2) + offsets (B, Q, M, L, P, 2) / (W_l, H_l) -> (B, Q, M, L, P, 2), i.e.
+        reference_points[:, :, None, :, None] + offsets / size_wh[:, None]
+    with both small operands first repeated over the P points, so that each broadcast runs over whole
+    (L, P, 2) rows: 5-9x as fast on the CPU as broadcasting over the middle dimensions of a 6-d view, the
+    same values."""
+    P = offsets.shape[-2]
+    size_wh = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1)  # (L, 2)
+    per_point = lambda t: t.unsqueeze(-2).expand(*t.shape[:-1], P, 2).contiguous()  # noqa: E731
+    return per_point(reference_points)[:, :, None] + offsets / per_point(size_wh)
+
+
 class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention (Deformable DETR Eq. 3) with its four projections.
+
+    d_model   C, the channels of queries and values (hidden dimension); divisible by n_heads
+    n_levels  L, the number of feature levels
+    n_heads   M, the attention heads, each of D = C / M channels
+    n_points  P, the sampling points per head and level
+    """
+
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
         if d_model % n_heads:
@@ -47,9 +67,15 @@ class MSDeformAttn(nn.Module):
 
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """query (B, Q, C); reference_points (B, Q, L, 2) points (x, y) or (B, Q, L, 4) boxes (cx, cy, w, h),
-        in [0, 1] of each level's padded map; value (B, S, C); spatial_shapes (L, 2) long (H_l, W_l);
-        level_start_index (L,); padding_mask (B, S), True on padding. Returns (B, Q, C).
+        """
+        query              (B, Q, C) the queries, position embedding included
+        reference_points   (B, Q, L, 2) points (x, y) for the encoder, or (B, Q, L, 4) boxes (cx, cy, w, h) for
+                           the decoder, in [0, 1] of each level's padded map (top left (0, 0), bottom right (1, 1))
+        value              (B, S, C) the flattened maps of all levels, S = sum_l H_l * W_l
+        spatial_shapes     (L, 2) long, (H_l, W_l) of each level
+        level_start_index  (L,) long, where each level starts in S: [0, H_0*W_0, H_0*W_0 + H_1*W_1, ...]
+        padding_mask       (B, S) bool, True on padding tokens (their values count as 0); None: no padding
+        Returns (B, Q, C).
         """
         B, Q, _ = query.shape
         S = value.shape[1]
@@ -61,12 +87,8 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)
         weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
         if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: divide by (W_l, H_l). Both small operands are first
-            # repeated over the P points, so that each broadcast runs over whole (L, P, 2) rows: 5-9x
-            # as fast on the CPU as broadcasting over the middle dimensions of a 6-d view, same values
-            size_wh = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1)  # (L, 2)
-            per_point = lambda t: t.unsqueeze(-2).expand(*t.shape[:-1], P, 2).contiguous()  # noqa: E731
-            locations = per_point(reference_points)[:, :, None] + offsets / per_point(size_wh)
+            # offsets are in pixels of each level: location = reference point + offset / (W_l, H_l)
+            locations = points_plus_pixel_offsets(reference_points, offsets, spatial_shapes)
         elif reference_points.shape[-1] == 4:
             # offsets are in units of the box's half size, divided by P so the P points spread inside it
             locations = (reference_points[:, :, None, :, None, :2]

@@ -65,6 +65,17 @@ def set_loss(logits: Tensor, boxes_cxcywh: Tensor, targets: list[dict], indices:
 
 
 class Criterion:
+    """DINO's loss on the model's whole output: `set_loss` on the last decoder layer, each earlier layer and
+    the encoder's selected proposals, each matched by Hungarian matching (one matching per set), and on
+    the denoising queries of every layer with their known assignment. Weights and matching costs come
+    from cfg (Config: *_loss_coef, set_cost_*, focal_alpha, focal_gamma).
+
+    criterion(outputs, targets) with outputs from DINO.forward and targets [{"labels": (G_b,) int64,
+    "boxes": (G_b, 4) cxcywh in [0, 1]}] * B returns a dict of every unweighted term, named loss_{ce,
+    bbox,giou} plus a suffix ("" last layer, "_0".. earlier layers, "_interm", "_dn", "_dn_0"..), and
+    "loss", their weighted sum, the one to backpropagate.
+    """
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.weights = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
