@@ -27,6 +27,7 @@ from checkpoints import model_from_checkpoint
 from config import Config, ConfigError
 from cpu_memory import heap_kept
 from data import CocoDetection, DataError, collate, eval_canvas, image_files, make_transforms, read_image, split_paths
+from inference import output_agreement
 from model import postprocess
 from precision import amp_autocast, at_least_float32
 
@@ -55,26 +56,9 @@ def device_from_flag(name: str) -> torch.device:
     return device
 
 
-def detection_agreement(outputs: dict, reference: dict, top: int = 100) -> tuple[float, float]:
-    """How far `outputs` are from `reference` (both model outputs for the same batch), as detections:
-    (the share of the reference's `top` best (query, class) pairs per image that `outputs` also has, with
-    the same class, a box within 1e-2 and a score within 1e-2, in any query slot, since near-tied
-    selection scores may put the same queries in another order; the largest difference of the `top`
-    best scores)."""
-    def best(out):
-        logits, boxes = at_least_float32(out["pred_logits"]), at_least_float32(out["pred_boxes"])
-        K = logits.shape[-1]
-        scores, index = logits.sigmoid().flatten(1).topk(min(top, logits[0].numel()), dim=1)
-        return scores, index % K, boxes.gather(1, (index // K)[..., None].expand(-1, -1, 4))
-    (s1, l1, b1), (s2, l2, b2) = best(outputs), best(reference)
-    close = ((l1[:, :, None] == l2[:, None]) & ((b1[:, :, None] - b2[:, None]).abs().amax(-1) < 1e-2)
-             & ((s1[:, :, None] - s2[:, None]).abs() < 1e-2))
-    return close.any(1).float().mean().item(), (s1 - s2).abs().max().item()
-
-
 class CompiledModel(torch.nn.Module):
     """`model` through compile_model, for inference; its first batch also runs eagerly, and if fewer than
-    `min_agreement` of the eager detections come out of the compiled run too (detection_agreement), it
+    `min_agreement` of the eager detections come out of the compiled run too (inference.output_agreement), it
     warns and runs eagerly from then on: a compiler bug never silently changes the detections."""
 
     def __init__(self, model: torch.nn.Module, mode: str | None = None, min_agreement: float = 0.95):
@@ -90,7 +74,7 @@ class CompiledModel(torch.nn.Module):
         if not self.checked:
             self.checked = True
             reference = self.model(images, mask)
-            agreement, score_gap = detection_agreement(outputs, reference)
+            agreement, score_gap, _ = output_agreement(outputs, reference)
             if agreement < self.min_agreement:
                 warnings.warn(f"--compile: the compiled model found {100 * agreement:.0f}% of the eager model's "
                               f"100 best detections on the first batch (largest score difference "

@@ -18,7 +18,7 @@ How (plumbing, not the paper): torch's TorchScript-based exporter (`dynamo=False
 layout, anchors and reference points are constants of the fixed input size, top-k takes a constant k,
 and the deformable attention goes through the PyTorch reference (F.grid_sample), never the CUDA kernel.
 After writing the file, export.py runs it in ONNX Runtime on random images and on a generated one and
-compares the detections with PyTorch's (`compare_detections`); it exits non-zero if they differ.
+compares the detections with PyTorch's (`inference.compare_detections`); it exits non-zero if they differ.
 """
 import argparse
 import importlib.util
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from checkpoints import model_from_checkpoint
 from config import ConfigError
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError, shapes_image
+from inference import compare_detections
 from model import select_detections
 from onnx_detect import letterbox
 
@@ -102,40 +103,10 @@ def generated_inputs(batch: int, height: int, width: int) -> tuple[Tensor, Tenso
             torch.tensor([[image.height, image.width]] * batch))
 
 
-def compare_detections(got: tuple, want: tuple, orig_sizes: Tensor, tol: float = 1e-4) -> dict:
-    """How far ONNX Runtime's detections (`got`) are from PyTorch's (`want`), both (scores, labels, boxes).
-
-    A detection of `want` is matched by one of `got` with the same label, a score within `tol` and a box
-    within `tol` (in units of the image size), one to one, wherever it ranks: rounding may order near-tied
-    scores differently. Some may find no match at all: the model keeps 900 of its encoder's tokens by
-    score (mixed query selection), and where the 900th and 901st are near-tied, the two runs can keep
-    different ones, whose detections then differ. Returns the share of `want`'s detections matched and
-    the largest score and box differences among the matched."""
-    matched, total, worst_score, worst_box = 0, 0, 0.0, 0.0
-    for b in range(len(orig_sizes)):
-        s1, l1, x1 = (torch.as_tensor(t[b]) for t in got)
-        s2, l2, x2 = (torch.as_tensor(t[b]) for t in want)
-        h, w = orig_sizes[b].tolist()
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-        box_gap = (x2[:, None] - x1[None]).abs().div(scale).amax(-1)  # (want, got)
-        score_gap = (s2[:, None] - s1[None]).abs()
-        close = (l2[:, None] == l1[None]) & (box_gap <= tol) & (score_gap <= tol)
-        free = torch.ones(len(s1), dtype=torch.bool)
-        for i in range(len(s2)):
-            candidates = (close[i] & free).nonzero().flatten()
-            if len(candidates):
-                j = candidates[score_gap[i, candidates].argmin()]
-                free[j] = False
-                matched += 1
-                worst_score, worst_box = max(worst_score, score_gap[i, j].item()), max(worst_box, box_gap[i, j].item())
-        total += len(s2)
-    return {"matched": matched / max(total, 1), "score": worst_score, "box": worst_box}
-
-
 def check(path: Path, deployable: Deployable, height: int, width: int, batch: int, tol: float = 1e-4,
           least_matched: float = 0.9) -> list[str]:
     """Run the file in ONNX Runtime on random and generated inputs and compare with PyTorch
-    (compare_detections); returns the report's lines; raises Mismatch when fewer than `least_matched` of
+    (inference.compare_detections); returns the report's lines; raises Mismatch when fewer than `least_matched` of
     PyTorch's detections are matched within `tol`. (A randomly initialised R50 on random pixels, the
     worst case for near ties in the query selection, matched 98.0% at 800x1333; a tiny model, 100%.)"""
     import onnxruntime  # checked by main
@@ -147,9 +118,9 @@ def check(path: Path, deployable: Deployable, height: int, width: int, batch: in
             want = [t.numpy() for t in deployable(*inputs)]
         got = session.run(OUTPUTS, {k: v.numpy() for k, v in zip(INPUTS, inputs)})
         diff = compare_detections(got, want, inputs[2], tol)
-        lines.append(f"{name}: {100 * diff['matched']:.1f}% of the detections matched within {tol:g}, largest "
-                     f"differences among them: score {diff['score']:.1e}, box {diff['box']:.1e} (of the image size)")
-        if diff["matched"] < least_matched:
+        lines.append(f"{name}: {100 * diff.matched:.1f}% of the detections matched within {tol:g}, largest "
+                     f"differences among them: score {diff.score:.1e}, box {diff.box:.1e} (of the image size)")
+        if diff.matched < least_matched:
             failed.append(name)
     if failed:
         raise Mismatch(f"ONNX Runtime and PyTorch disagree on the {' and '.join(failed)} (fewer than "

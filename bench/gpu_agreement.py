@@ -4,7 +4,7 @@ The reference is the CPU's float32 eager run of the model that gpu_check times (
 from seed 0, then copied to the CPU), on the same image. Each run on the device says how far it is
 from the reference at every stage: the multi-scale features (after input_proj) and the encoder's
 memory as ||a - b|| / ||b||, the encoder's selected detections ("interm") and each decoder layer's as
-eval.detection_agreement (the share of the reference's 100 best detections it also finds). A float64
+inference.output_agreement (the share of the reference's 100 best detections it also finds). A float64
 run says how far the reference itself is from exact; the compiled runs compile the whole model
 (eval.compile_model) or one part at a time, so that a departure can be pinned to the backbone, the
 encoder, the decoder or the code between them (what none of the parts holds: that is how the
@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from eval import compile_model, detection_agreement
+from eval import compile_model
+from inference import output_agreement
 from train_step import batch, build_on
 
 # (name, dtype, cuDNN TF32, what is compiled: None, "whole" or a part)
@@ -69,8 +70,8 @@ def compare(got: dict, want: dict) -> list[str]:
         cells.append(f"{max(relative_error(a, b) for a, b in pairs):.1e}")
     layers = lambda s: [s["outputs"]["interm_outputs"], *s["outputs"]["aux_outputs"], s["outputs"]]  # noqa: E731
     for g, w in zip(layers(got), layers(want)):
-        cells.append(f"{100 * detection_agreement(boxes_and_logits(g), boxes_and_logits(w))[0]:.0f}%")
-    score_gap = detection_agreement(boxes_and_logits(got["outputs"]), boxes_and_logits(want["outputs"]))[1]
+        cells.append(f"{100 * output_agreement(boxes_and_logits(g), boxes_and_logits(w))[0]:.0f}%")
+    score_gap = output_agreement(boxes_and_logits(got["outputs"]), boxes_and_logits(want["outputs"]))[1]
     return cells + [f"{score_gap:.1e}"]
 
 

@@ -34,7 +34,7 @@ import gpu_agreement  # noqa: E402
 import msda  # noqa: E402
 import msda_cuda  # noqa: E402
 import train_step  # noqa: E402
-from eval import detection_agreement  # noqa: E402
+from inference import output_agreement  # noqa: E402
 
 TARGETS = {  # issue 14: peak training memory (GiB, bf16 with checkpointing) and inference FPS
     ("swinl", 2): 12, ("swinl", 1): 8, ("r50", 2): 8, "r50 fps bf16": 46}
@@ -168,7 +168,7 @@ def inference_shape(device: torch.device) -> tuple[str, tuple[int, int]]:
 def inference_step(report: Report, device: torch.device, shapes: dict, reference: dict):
     """Eager fp32 and bf16, then compiled (on a GPU also bf16 and bf16 with CUDA graphs); each run's
     detections against `reference`, those of the eager fp32 model on the host's CPU, the same weights and
-    image (eval.detection_agreement)."""
+    image (inference.output_agreement)."""
     backbone, size = inference_shape(device)
     report.add(f"{backbone} {size[0]}x{size[1]}, batch 1, image tensor on the device to boxes on the host (fp32 as "
                f"eval.py runs it: cuDNN's convolutions in TF32, torch's default; step 6 shows what that moves):", "",
@@ -181,7 +181,7 @@ def inference_step(report: Report, device: torch.device, shapes: dict, reference
         mode = "reduce-overhead" if "CUDA graphs" in path else None
         fps, first, out = train_step.time_inference(backbone, size, shapes["inference_iters"], device, amp,
                                                     compile_mode=mode, compiled=path != "eager", **shapes["overrides"])
-        found, score_gap = detection_agreement(out, reference)
+        found, score_gap, _ = output_agreement(out, reference)
         precision = train_step.precision_name(device, amp)
         verdict = ""
         if precision == "bf16" and device.type == "cuda":

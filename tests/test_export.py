@@ -12,6 +12,7 @@ import torch
 import export
 from checkpoints import convert_official_state_dict
 from conftest import tiny_dino
+from inference import compare_detections
 from model import build_dino, postprocess
 from test_checkpoints import REFERENCE, fake_official_state_dict
 
@@ -75,8 +76,8 @@ def test_onnx_runtime_gives_pytorchs_detections_for_batch_1_and_a_dynamic_batch_
         with torch.no_grad():
             want = [t.numpy() for t in deployable(*inputs)]
         got = session.run(export.OUTPUTS, {k: v.numpy() for k, v in zip(export.INPUTS, inputs)})
-        diff = export.compare_detections(got, want, inputs[2])
-        assert diff["matched"] == 1.0 and diff["score"] <= 1e-4 and diff["box"] <= 1e-4
+        diff = compare_detections(got, want, inputs[2], tol=1e-4)
+        assert diff.matched == 1.0 and diff.score <= 1e-4 and diff.box <= 1e-4
 
 
 def test_compare_detections_forgives_reordered_ties_not_wrong_boxes():
@@ -85,9 +86,9 @@ def test_compare_detections_forgives_reordered_ties_not_wrong_boxes():
     labels, boxes = torch.tensor([[1, 2, 3, 1]]), torch.rand(1, 4, 4, generator=g) * 100
     sizes = torch.tensor([[100, 100]])
     swapped = [t[:, [0, 2, 1, 3]] for t in (scores, labels, boxes)]  # a tie in another order
-    assert export.compare_detections(swapped, (scores, labels, boxes), sizes)["matched"] == 1.0
+    assert compare_detections(swapped, (scores, labels, boxes), sizes, tol=1e-4).matched == 1.0
     moved = (scores, labels, boxes + torch.tensor([0.0, 0.0, 0.0, 1.0]))  # 1 px on a 100 px image
-    assert export.compare_detections(moved, (scores, labels, boxes), sizes)["matched"] == 0.0
+    assert compare_detections(moved, (scores, labels, boxes), sizes, tol=1e-4).matched == 0.0
 
 
 def test_an_official_checkpoint_exports(tmp_path, capsys):

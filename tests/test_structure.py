@@ -9,7 +9,7 @@ LAYERS = [  # bottom to top
     {"msda_cuda"},
     {"backbone", "deformable_attn", "denoising", "matcher", "data", "runs"},
     {"model", "losses"},
-    {"checkpoints"},
+    {"checkpoints", "inference"},
     {"eval", "export"},
     {"train"},
 ]
@@ -29,3 +29,22 @@ def test_imports_run_downwards_only():
     upward = [(name, imported) for name, path in sources.items() for imported in imported_modules(path)
               if imported in level and level[imported] >= level[name] and imported != name]
     assert not upward
+
+
+def functions(path: Path):
+    tree = ast.parse(path.read_text())
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_function_is_longer_than_60_lines():
+    """A function a reader can hold in mind at once (nanoGPT's longest is about 60 lines)."""
+    paths = [*ROOT.glob("*.py"), *ROOT.glob("msda_cuda/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("scripts/*.py")]
+    long = [f"{path.name}:{f.lineno} {f.name} ({f.end_lineno - f.lineno + 1} lines)"
+            for path in paths for f in functions(path) if f.end_lineno - f.lineno + 1 > 60]
+    assert not long
+
+
+def test_one_epoch_of_training_takes_a_handful_of_arguments():
+    """DETR's train_one_epoch takes 7; the set-up (train.Setup) and the state (runs.TrainState) travel whole."""
+    (one_epoch,) = [f for f in functions(ROOT / "train.py") if f.name == "train_one_epoch"]
+    assert len(one_epoch.args.args) <= 8
