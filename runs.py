@@ -1,5 +1,6 @@
-"""Plumbing for runs that last days (not in the paper): one run per output folder, an epoch order that a
-run can resume anywhere in, and stopping in order on SIGTERM and Ctrl-C.
+"""Plumbing for runs that last days (not in the paper): one run per output folder, everything a run needs
+to go on exactly where it stopped (TrainState, the one place a checkpoint's contents are written and read),
+an epoch order that a run can resume anywhere in, and stopping in order on SIGTERM and Ctrl-C.
 
 `claim_output_dir` takes an exclusive lock on OUTPUT_DIR/.lock with flock(2). A second run into the
 same folder is refused while the lock is held; the operating system releases it when the holding
@@ -9,15 +10,20 @@ refusal's message. (Where flock does not exist, on Windows, runs are not locked.
 """
 import math
 import os
+import random
+import shutil
 import signal
 import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from config import ConfigError
 
@@ -51,6 +57,91 @@ def claim_output_dir(folder: Path):
     lock.flush()
     _held_locks.append(lock)
     return lock
+
+
+def replace_atomically(path: Path, write) -> None:
+    """write(temporary path) beside `path`, then rename it to `path`: a kill at any instant leaves either the
+    old file or the new one, never a part of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_atomically(obj, path: Path) -> None:
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def copy_atomically(source: Path, path: Path) -> None:
+    replace_atomically(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """What a run changes as it trains, all of which a checkpoint holds: the weights, the optimiser, the lr
+    schedule, the loss scaler, the EMA of the weights, where training goes on (`epoch`, and `iteration` of
+    it: the next one to run), the best AP so far, the epoch's running loss sums (`running`, {"sums",
+    "counts"}, when it stopped mid-epoch), a finished epoch's log record whose evaluation is still owed
+    (`pending`), and every process's random state. `save` and `restore` are the checkpoint's one writer
+    and one reader; its keys are those of the checkpoints train.py has always written."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    epoch: int = 0
+    iteration: int = 0
+    best_ap: float = -1.0
+    running: dict | None = None
+    pending: dict | None = None
+
+    def save(self, path: Path, config: dict, categories: dict[int, str], is_main: bool) -> None:
+        """Write the checkpoint to `path` (rank 0). Every process calls it: it gathers their random states."""
+        rng = [rng_state()]
+        if dist.is_available() and dist.is_initialized():
+            rng = [None] * dist.get_world_size()
+            dist.all_gather_object(rng, rng_state())
+        if not is_main:
+            return
+        save_atomically({
+            "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "config": config, "categories": categories, "rng": rng,
+            "best_ap": self.best_ap, "next": (self.epoch, self.iteration), "partial": self.running,
+            "pending": self.pending,
+            "epoch": self.epoch if self.iteration else self.epoch - 1,  # the epoch of the last iteration run
+        }, path)
+
+    def restore(self, checkpoint: dict, rank: int) -> None:
+        """Load a checkpoint that `save` wrote (or train.py before it: "next" is newer than "epoch")."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None and checkpoint.get("ema") is not None:
+            self.ema.module.load_state_dict(checkpoint["ema"])
+        self.epoch, self.iteration = checkpoint.get("next", (checkpoint["epoch"] + 1, 0))
+        self.running, self.pending = checkpoint.get("partial"), checkpoint.get("pending")
+        self.best_ap = checkpoint["best_ap"]
+        rng = checkpoint["rng"]
+        set_rng_state(rng[rank] if rank < len(rng) else rng[0])
 
 
 class EpochOrder(torch.utils.data.Sampler):

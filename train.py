@@ -20,10 +20,11 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,8 @@ from eval import device_from_flag, evaluate, format_metrics, save_pictures
 from losses import Criterion
 from model import DINO, build_dino
 from precision import amp_autocast, amp_dtype
-from runs import CheckpointClock, EpochOrder, StopSignals, Stopped, claim_output_dir, data_worker_init
+from runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, copy_atomically,
+                  data_worker_init, write_atomically)
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
 DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
@@ -59,27 +61,6 @@ def make_ema(model: DINO, decay: float) -> AveragedModel:
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
     ema.n_averaged.fill_(1)
     return ema.requires_grad_(False)
-
-
-def save_atomically(obj, path: Path):
-    """Write to a temporary file beside `path`, then rename: `path` is always a complete checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def lr_at_epoch(cfg: Config, epoch: int) -> float:
@@ -116,75 +97,6 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
 def make_grad_scaler(device: torch.device, cfg: Config) -> torch.amp.GradScaler:
     """Loss scaling, on only where --amp runs in fp16 (GPUs without bf16): bf16 needs none."""
     return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16)
-
-
-def partial(sums: dict, counts: dict) -> dict:
-    """An epoch's running loss sums, for a checkpoint written mid-epoch (floats: read back once, here)."""
-    return {"sums": {k: float(v) for k, v in sums.items()}, "counts": dict(counts)}
-
-
-def train_one_epoch(model, criterion, loader, optimizer, cfg: Config, epoch: int, device, ema: AveragedModel | None,
-                    scaler: torch.amp.GradScaler, is_main: bool, first: int, total: int, sums: dict, counts: dict,
-                    clock: CheckpointClock, save, board=None) -> dict:
-    """The epoch's iterations first..total-1 with train_step (the loader yields those). Adds every unweighted
-    loss term to sums and counts; writes a checkpoint through save(epoch, next iteration, partial sums)
-    when the clock says so, and raises Stopped after one that a signal asked for; `board`, a TensorBoard
-    SummaryWriter or None, gets the running means with each progress line. Returns the epoch's mean of
-    every term over all processes."""
-    model.train()
-    start = last_print = time.time()
-    done = first  # iterations of this epoch finished
-    try:
-        for it, (images, mask, targets) in enumerate(loader, start=first):
-            images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                       for t in targets]
-            try:
-                terms = train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)
-            except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{e} at epoch {epoch}, iteration {it}") from None
-            if ema is not None:
-                ema.update_parameters(model.module if isinstance(model, DistributedDataParallel) else model)
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach()
-                counts[name] = counts.get(name, 0) + 1
-            done = it + 1
-            write, stop = clock.due()
-            if done == total:  # the epoch's end writes its checkpoint anyway, and stops there if asked to
-                write = stop = False
-            if write:
-                save(epoch, done, partial(sums, counts))
-                clock.written()
-            if stop:
-                raise clock.stopped(f"at epoch {epoch}, iteration {done} of {total}")
-            now = time.time()
-            if is_main and (now - last_print > 10 or it + 1 == total):
-                last_print = now
-                rate = (it + 1 - first) / (now - start)
-                main = {k: float(sums[k] / counts[k]) for k in ("loss", "loss_ce", "loss_bbox", "loss_giou")}
-                left = (total - it - 1 + (cfg.epochs - epoch - 1) * total) / rate
-                if board is not None:
-                    step = epoch * total + it + 1
-                    for name in sums:
-                        board.add_scalar(f"train/{name}", float(sums[name] / counts[name]), step)
-                    board.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                    board.add_scalar("train/iterations_per_second", rate, step)
-                print(f"epoch {epoch} [{it + 1}/{total}] loss {main['loss']:.3f} (ce {main['loss_ce']:.3f} "
-                      f"bbox {main['loss_bbox']:.3f} giou {main['loss_giou']:.3f}) lr {optimizer.param_groups[0]['lr']:.2e} "
-                      f"{rate:.2f} it/s, epoch ends in {(total - it - 1) / rate:.0f} s, training in "
-                      f"{left / 3600:.1f} h", flush=True)
-    except DataError as e:  # an image that cannot be read, found mid-epoch: keep what was trained
-        reason = str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")  # from a worker: its traceback
-        if not (dist.is_available() and dist.is_initialized()):  # (other processes would wait for this one)
-            save(epoch, done, partial(sums, counts))
-            reason += f"; the {done} iterations of epoch {epoch} before it are saved: fix the image, then --resume"
-        raise DataError(reason) from None
-    names = sorted(sums)
-    means = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) / counts[k] for k in names])
-    if dist.is_available() and dist.is_initialized():  # the log holds every process's mean, not rank 0's alone
-        dist.all_reduce(means)
-        means /= dist.get_world_size()
-    return dict(zip(names, means.tolist()))
 
 
 def build_optimizer(model: DINO, cfg: Config) -> torch.optim.Optimizer:
@@ -245,35 +157,242 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+# --- a run: its set-up, one epoch, the epoch loop --------------------------------------------------------
+
+@dataclass
+class Setup:
+    """How a run is set up, fixed for its whole length: what the epoch loop reads and never changes.
+    (What it changes, and a checkpoint keeps, is runs.TrainState.)"""
+    cfg: Config
+    device: torch.device
+    output_dir: Path
+    rank: int
+    world: int
+    distributed: bool
+    train_set: CocoDetection
+    val_set: CocoDetection
+    log: Callable
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / "checkpoint.pth"
+
+    @property
+    def iterations(self) -> int:
+        """Training iterations per epoch, in every process."""
+        samples = len(EpochOrder(len(self.train_set), self.cfg.seed, 0, self.rank, self.world))
+        return math.ceil(samples / self.cfg.batch_size)
+
+    def loader(self, train: bool, epoch: int = 0, skip: int = 0) -> torch.utils.data.DataLoader:
+        """The training batches of `epoch` from iteration `skip` on, in an order that a resumed run continues
+        exactly, augmentation included (runs.EpochOrder); or the validation set, one image at a time, as
+        eval.py: an image padded to its batch's largest is detected a little differently (the demo's AP is
+        0.528 evaluated in batches of 4, 0.564 one by one), and a checkpoint's AP must not depend on the
+        batches it was evaluated in. Worker seeds come from a generator of the loader's own: loading never
+        shifts the training's random stream."""
+        cfg = self.cfg
+        if train:
+            sampler = EpochOrder(len(self.train_set), cfg.seed, epoch, self.rank, self.world, skip * cfg.batch_size)
+        elif self.distributed:
+            sampler = torch.utils.data.DistributedSampler(self.val_set, shuffle=False)
+        else:
+            sampler = torch.utils.data.SequentialSampler(self.val_set)
+        return torch.utils.data.DataLoader(self.train_set if train else self.val_set, sampler=sampler,
+                                           batch_size=cfg.batch_size if train else 1, collate_fn=collate,
+                                           num_workers=cfg.num_workers, worker_init_fn=data_worker_init,
+                                           generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                                           pin_memory=self.device.type == "cuda")
+
+    def save(self, state: TrainState) -> None:
+        """checkpoint.pth from `state`, with this run's config and category names (every process calls it)."""
+        categories = {c: self.train_set.coco.cats[c]["name"] for c in self.train_set.coco.cats}
+        state.save(self.checkpoint_path, dataclasses.asdict(self.cfg), categories, self.is_main)
+
+
+class RunningLoss:
+    """An epoch's sums of every unweighted loss term so far, kept where they are computed (reading them back
+    would wait for the GPU at every step); `saved()` gives them as floats for a mid-epoch checkpoint."""
+
+    def __init__(self, saved: dict | None = None):
+        self.sums = dict(saved["sums"]) if saved else {}
+        self.counts = dict(saved["counts"]) if saved else {}
+
+    def add(self, terms: dict[str, Tensor]) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def mean(self, name: str) -> float:
+        return float(self.sums[name] / self.counts[name])
+
+    def saved(self) -> dict:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "counts": dict(self.counts)}
+
+    def epoch_means(self, device: torch.device) -> dict[str, float]:
+        """The mean of every term, over all processes under torch.distributed (the log holds theirs, not
+        rank 0's alone)."""
+        names = sorted(self.sums)
+        means = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device) / self.counts[k]
+                             for k in names])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        return dict(zip(names, means.tolist()))
+
+
+def report(setup: Setup, state: TrainState, losses: RunningLoss, rate: float, board) -> None:
+    """The progress line (and TensorBoard's running means): iteration state.iteration of the epoch done."""
+    total, done, lr = setup.iterations, state.iteration, state.optimizer.param_groups[0]["lr"]
+    if board is not None:
+        step = state.epoch * total + done
+        for name in losses.sums:
+            board.add_scalar(f"train/{name}", losses.mean(name), step)
+        board.add_scalar("train/lr", lr, step)
+        board.add_scalar("train/iterations_per_second", rate, step)
+    left = (total - done + (setup.cfg.epochs - state.epoch - 1) * total) / rate
+    print(f"epoch {state.epoch} [{done}/{total}] loss {losses.mean('loss'):.3f} (ce {losses.mean('loss_ce'):.3f} "
+          f"bbox {losses.mean('loss_bbox'):.3f} giou {losses.mean('loss_giou'):.3f}) lr {lr:.2e} {rate:.2f} it/s, "
+          f"epoch ends in {(total - done) / rate:.0f} s, training in {left / 3600:.1f} h", flush=True)
+
+
+def train_one_epoch(setup: Setup, state: TrainState, model: torch.nn.Module, criterion: Criterion,
+                    clock: CheckpointClock, board=None) -> dict[str, float]:
+    """Epoch state.epoch from iteration state.iteration on: train_step on every batch, the EMA after it,
+    the running means of the loss terms. `model` is state.model, or its DistributedDataParallel wrapper.
+    A checkpoint is written mid-epoch when the clock says so, and Stopped raised after one that a signal
+    asked for. Returns the epoch's mean of every term over all processes."""
+    cfg, device, epoch, total = setup.cfg, setup.device, state.epoch, setup.iterations
+    losses = RunningLoss(state.running if state.iteration else None)
+    model.train()
+    start = last_print = time.time()
+    first = state.iteration
     try:
-        with contextlib.ExitStack() as held:  # the output folder's lock, released however run() ends
-            return run(parser, args, held)
-    except (ConfigError, DataError, FileNotFoundError) as e:  # the user's data, files or flags: one line
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        for images, mask, targets in setup.loader(True, epoch, skip=first):
+            images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                       for t in targets]
+            try:
+                terms = train_step(model, criterion, state.optimizer, state.scaler, images, mask, targets, cfg)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"{e} at epoch {epoch}, iteration {state.iteration}") from None
+            if state.ema is not None:
+                state.ema.update_parameters(state.model)
+            losses.add(terms)
+            state.iteration += 1
+            write, stop = clock.due()
+            if state.iteration < total and write:  # the epoch's end writes its checkpoint anyway, and stops there
+                state.running = losses.saved()
+                setup.save(state)
+                clock.written()
+                if stop:
+                    raise clock.stopped(f"at epoch {epoch}, iteration {state.iteration} of {total}")
+            if setup.is_main and (time.time() - last_print > 10 or state.iteration == total):
+                last_print = time.time()
+                report(setup, state, losses, (state.iteration - first) / (last_print - start), board)
+    except DataError as e:  # an image that cannot be read, found mid-epoch: keep what was trained
+        reason = str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")  # from a worker: its traceback
+        if not setup.distributed:  # (other processes would wait for this one)
+            state.running = losses.saved()
+            setup.save(state)
+            reason += (f"; the {state.iteration} iterations of epoch {epoch} before it are saved: fix the image, "
+                       f"then --resume")
+        raise DataError(reason) from None
+    return losses.epoch_means(device)
 
 
-def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
-    """train.py with parsed flags; returns the last evaluation's metrics."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-    if not args.resume:  # every flag checked before any work (a resumed run's, once merged with its saved config)
-        make_config(**({**DEMO, **given} if args.demo else given))
-    if args.tensorboard:
-        tensorboard_writer(None)
+def evaluate_and_save(setup: Setup, state: TrainState, evaluated: torch.nn.Module) -> dict:
+    """Finish the epoch whose log record is state.pending: evaluate `evaluated` if the record says it is due,
+    write the checkpoint again, now with nothing owed, keep it as best.pth if its AP is the best so far,
+    and append the record to log.jsonl. Returns the metrics ({} without an evaluation)."""
+    record = dict(state.pending)
+    metrics, best = {}, False
+    if record.pop("evaluate"):
+        metrics = evaluate(evaluated, setup.loader(False), setup.device, setup.cfg.num_select, setup.cfg.amp) or {}
+        if setup.is_main:  # rank 0 alone has the metrics
+            setup.log(format_metrics(metrics))
+            record["val"] = metrics
+            best = metrics["AP"] > state.best_ap
+            state.best_ap = max(state.best_ap, metrics["AP"])
+    state.pending = None
+    setup.save(state)
+    if best:
+        copy_atomically(setup.checkpoint_path, setup.output_dir / "best.pth")
+        write_atomically(setup.output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    if setup.is_main:
+        with open(setup.output_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return metrics
 
+
+def epoch_to_board(board, losses: dict, metrics: dict, step: int) -> None:
+    """TensorBoard: the epoch's mean losses and its metrics (if it was evaluated), at the step it ended."""
+    for name, value in losses.items():
+        board.add_scalar(f"epoch/{name}", value, step)
+    for name, value in metrics.items():
+        if name != "per_class_AP":
+            board.add_scalar(f"val/{name}", value, step)
+
+
+def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minutes: float, board,
+          held: contextlib.ExitStack) -> dict:
+    """The epoch loop, from where `state` stands to cfg.epochs; returns the last evaluation's metrics."""
+    cfg, evaluated = setup.cfg, state.ema.module if state.ema is not None else state.model
+    model = (DistributedDataParallel(state.model, device_ids=[setup.device.index] if setup.device.type == "cuda"
+                                     else None, find_unused_parameters=True)  # the DN label book may be unused
+             if setup.distributed else state.model)
+    metrics = evaluate_and_save(setup, state, evaluated) if state.pending is not None else {}  # one owed from before
+    clock = CheckpointClock(checkpoint_minutes, held.enter_context(StopSignals(setup.log)), setup.device)
+    try:
+        for epoch in range(state.epoch, cfg.epochs):
+            started = time.time()
+            losses = train_one_epoch(setup, state, model, criterion, clock, board)
+            record = {"epoch": epoch, "train": losses, "lr": state.optimizer.param_groups[0]["lr"],
+                      "seconds": time.time() - started,
+                      "evaluate": (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs}
+            state.scheduler.step()
+            state.epoch, state.iteration, state.running, state.pending = epoch + 1, 0, None, record
+            setup.save(state)  # before the evaluation, which then cannot lose the epoch
+            evaluated_now = evaluate_and_save(setup, state, evaluated)
+            metrics = evaluated_now or metrics
+            clock.written()
+            if board is not None:
+                epoch_to_board(board, losses, evaluated_now, (epoch + 1) * setup.iterations)
+            if clock.due()[1] and epoch + 1 < cfg.epochs:  # a stop asked for during the last step or evaluation
+                raise clock.stopped(f"after epoch {epoch}")
+    except NonFiniteLoss as e:
+        kept = (f"the last good checkpoint, {setup.checkpoint_path}, is kept" if setup.checkpoint_path.exists()
+                else "no checkpoint yet")
+        setup.log(f"stopping: {e}; {kept}")
+        sys.exit(1)
+    except Stopped as e:
+        setup.log(f"{e}; checkpoint written to {setup.checkpoint_path}: resume with the same command and --resume")
+        sys.exit(e.exit_code)
+    return metrics
+
+
+# --- the set-up: processes, the output folder, data, config, the state to train ----------------------------
+
+def start_processes(device_flag: str) -> tuple[torch.device, int, int, bool]:
+    """(device, rank, world size, distributed): under torchrun, one process group, one GPU per process."""
+    device = device_from_flag(device_flag)
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    device = device_from_flag(args.device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
+    if not distributed:
+        return device, 0, 1, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size(), True
 
+
+def claim_output(parser: argparse.ArgumentParser, args: argparse.Namespace, is_main: bool,
+                 held: contextlib.ExitStack, log) -> Path:
+    """The output folder, locked for this run (rank 0 holds the lock until the process ends); sets
+    args.resume when torchrun restarted the run. Refuses a folder that holds another run's checkpoint."""
     output_dir = Path(args.output_dir or ("demo_output" if args.demo else "outputs"))
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (output_dir / "checkpoint.pth").exists():
         args.resume = True  # restarted by torchrun --max-restarts: go on from the checkpoint
@@ -287,185 +406,128 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, held: context
         parser.error(f"{output_dir} already holds a run's checkpoint: pass --resume to continue it, "
                      f"or choose another --output-dir")
     refusal = None
-    if is_main:  # one run per output folder: rank 0 holds the lock until the process ends
+    if is_main:
         try:
             held.enter_context(claim_output_dir(output_dir))
         except ConfigError as e:
             refusal = str(e)
-    if distributed:  # every process stops if rank 0 was refused
+    if dist.is_available() and dist.is_initialized():  # every process stops if rank 0 was refused
         shared = [refusal]
         dist.broadcast_object_list(shared, src=0)
         refusal = shared[0]
     if refusal:
         raise ConfigError(refusal)
+    return output_dir
+
+
+def data_paths(parser: argparse.ArgumentParser, args: argparse.Namespace, output_dir: Path, is_main: bool, log):
+    """(train, val) (image folder, annotation file) pairs; the demo's generated dataset made first."""
     if args.demo:
         data_dir = output_dir / "data"
         if is_main and not (data_dir / "annotations" / "instances_val2017.json").exists():
             log(f"generating the shapes dataset in {data_dir}")
             make_shapes_dataset(data_dir)
-        if distributed:
+        if dist.is_available() and dist.is_initialized():
             dist.barrier()
-        given = {**DEMO, **given}
         args.data = str(data_dir)
-    train_paths, val_paths = (split_paths(split, args.data, getattr(args, f"{split}_images"),
-                                          getattr(args, f"{split}_json")) for split in ("train", "val"))
-    if train_paths is None or val_paths is None:
+    paths = [split_paths(split, args.data, getattr(args, f"{split}_images"), getattr(args, f"{split}_json"))
+             for split in ("train", "val")]
+    if None in paths:
         parser.error("give --data DIR (COCO layout), or --train-images/--train-json/--val-images/--val-json, or --demo")
+    return paths
 
-    checkpoint_path = output_dir / "checkpoint.pth"
-    resumed = None
+
+def run_config(given: dict, resumed: dict | None, pretrained: dict | None, args: argparse.Namespace, log) -> Config:
+    """The flags given over a resumed run's saved config, or over a pretrained checkpoint's architecture."""
+    if resumed is not None:
+        return make_config(**{**resumed["config"], **given})  # flags given now override the saved ones
+    saved = pretrained_architecture(pretrained) if pretrained is not None else {}
+    cfg = make_config(**{**saved, **given})  # our checkpoint's architecture, unless a flag says otherwise
+    if saved:
+        log(f"architecture from {args.pretrained}: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in saved))
+    return cfg
+
+
+def set_up(parser: argparse.ArgumentParser, args: argparse.Namespace, held: contextlib.ExitStack):
+    """Setup, and the resumed checkpoint or the pretrained one (None if neither); every flag is checked
+    before any work."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    if args.demo:
+        given = {**DEMO, **given}
+    if not args.resume:  # (a resumed run's flags are checked once merged with its saved config)
+        make_config(**given)
+    if args.tensorboard:
+        tensorboard_writer(None)
+    device, rank, world, distributed = start_processes(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    output_dir = claim_output(parser, args, rank == 0, held, log)
+    train_paths, val_paths = data_paths(parser, args, output_dir, rank == 0, log)
+    resumed = pretrained = None
     if args.resume:
-        if not checkpoint_path.exists():
-            parser.error(f"--resume: {checkpoint_path} does not exist")
-        resumed = read_checkpoint(str(checkpoint_path))
-        cfg = make_config(**{**resumed["config"], **given})  # flags given now override the saved ones
-    else:
-        pretrained = read_checkpoint(args.pretrained) if args.pretrained else None
-        saved = pretrained_architecture(pretrained) if pretrained is not None else {}
-        cfg = make_config(**{**saved, **given})  # our checkpoint's architecture, unless a flag says otherwise
-        if saved:
-            log(f"architecture from {args.pretrained}: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in saved))
+        if not (output_dir / "checkpoint.pth").exists():
+            parser.error(f"--resume: {output_dir / 'checkpoint.pth'} does not exist")
+        resumed = read_checkpoint(str(output_dir / "checkpoint.pth"))
+    elif args.pretrained:
+        pretrained = read_checkpoint(args.pretrained)
+    cfg = run_config(given, resumed, pretrained, args, log)
     train_set = CocoDetection(*train_paths, make_transforms(train=True, scale=cfg.scale), log)
     val_set = CocoDetection(*val_paths, make_transforms(train=False, scale=cfg.scale), log)
     if "num_classes" not in given and resumed is None:
         cfg = dataclasses.replace(cfg, num_classes=max(train_set.num_classes, val_set.num_classes))
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
+    setup = Setup(cfg, device, output_dir, rank, world, distributed, train_set, val_set, log)
+    return setup, resumed or pretrained
 
-    model = build_dino(**dataclasses.asdict(cfg)).to(device)
-    if args.pretrained and resumed is None:
-        load_pretrained(model, pretrained, args.pretrained, log)
-    if args.pretrained_backbone and resumed is None:
-        load_pretrained_backbone(model, args.pretrained_backbone, log)
-    ema = make_ema(model, cfg.ema_decay) if cfg.ema else None
-    evaluated = ema.module if ema is not None else model  # the weights that are evaluated and drawn
-    criterion = Criterion(cfg)
+
+def build_state(setup: Setup, args: argparse.Namespace, checkpoint: dict | None) -> TrainState:
+    """The model, optimiser, schedule, loss scaler and EMA, from scratch (seeded), from pretrained weights, or
+    as a resumed checkpoint left them."""
+    cfg = setup.cfg
+    torch.manual_seed(cfg.seed + setup.rank)
+    random.seed(cfg.seed + setup.rank)
+    model = build_dino(**dataclasses.asdict(cfg)).to(setup.device)
+    if args.pretrained and not args.resume:
+        load_pretrained(model, checkpoint, args.pretrained, setup.log)
+    if args.pretrained_backbone and not args.resume:
+        load_pretrained_backbone(model, args.pretrained_backbone, setup.log)
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_at_epoch(cfg, epoch))
-    scaler = make_grad_scaler(device, cfg)
-    # where training goes on: (epoch, iteration), the epoch's running loss sums, an evaluation still owed
-    start_epoch, start_iteration, running, pending, best_ap = 0, 0, None, None, -1.0
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["lr_scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        if ema is not None and resumed.get("ema") is not None:
-            ema.module.load_state_dict(resumed["ema"])
-        start_epoch, start_iteration = resumed.get("next", (resumed["epoch"] + 1, 0))
-        running, pending, best_ap = resumed.get("partial"), resumed.get("pending"), resumed["best_ap"]
-        set_rng_state(resumed["rng"][rank] if rank < len(resumed["rng"]) else resumed["rng"][0])
-        log(f"resumed from {checkpoint_path} at epoch {start_epoch}, iteration {start_iteration}")
-    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=True) if distributed else model
-    # find_unused_parameters: the denoising label book is unused in a batch without objects
+    state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_at_epoch(cfg, e)),
+                       make_grad_scaler(setup.device, cfg), make_ema(model, cfg.ema_decay) if cfg.ema else None)
+    if args.resume:
+        state.restore(checkpoint, setup.rank)
+        setup.log(f"resumed from {setup.checkpoint_path} at epoch {state.epoch}, iteration {state.iteration}")
+    return state
 
-    def loader(dataset, train: bool, epoch: int = 0, skip: int = 0):
-        if train:  # an order that a resumed run continues exactly, augmentation included (runs.EpochOrder)
-            sampler = EpochOrder(len(dataset), cfg.seed, epoch, rank, world, skip * cfg.batch_size)
-        elif distributed:
-            sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
-        else:
-            sampler = torch.utils.data.SequentialSampler(dataset)
-        # evaluation one image at a time, as eval.py: an image padded to its batch's largest is detected a little
-        # differently (the demo's AP is 0.528 evaluated in batches of 4, 0.564 one by one), and a checkpoint's
-        # AP must not depend on the batches it was evaluated in.
-        # Worker seeds from a generator of the loader's own: loading never shifts the training's random stream.
-        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size if train else 1, sampler=sampler,
-                                           drop_last=False, num_workers=cfg.num_workers, collate_fn=collate,
-                                           generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                                           worker_init_fn=data_worker_init, pin_memory=device.type == "cuda")
 
-    categories = {c: train_set.coco.cats[c]["name"] for c in train_set.coco.cats}
+def main(argv: list[str] | None = None) -> dict:
+    """train.py: returns the last evaluation's metrics."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with contextlib.ExitStack() as held:  # the output folder's lock, released however the run ends
+            setup, checkpoint = set_up(parser, args, held)
+            state = build_state(setup, args, checkpoint)
+            cfg = setup.cfg
+            setup.log(f"DINO-4scale {cfg.backbone}, {cfg.num_classes} classes, "
+                      f"{sum(p.numel() for p in state.model.parameters()):,} parameters; {len(setup.train_set)} "
+                      f"training / {len(setup.val_set)} validation images; {setup.world} process(es) on {setup.device}")
+            board = (held.enter_context(tensorboard_writer(setup.output_dir / "tensorboard"))
+                     if args.tensorboard and setup.is_main else None)
+            metrics = train(setup, state, Criterion(cfg), args.checkpoint_minutes, board, held)
+            if setup.is_main and args.demo:
+                demo_pictures(setup, state, metrics)
+            if setup.distributed:
+                dist.destroy_process_group()
+            return metrics
+    except (ConfigError, DataError, FileNotFoundError) as e:  # the user's data, files or flags: one line
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
-    def iterations(epoch: int) -> int:
-        return len(loader(train_set, True, epoch))
 
-    def save(epoch: int, iteration: int, partial: dict | None = None, pending: dict | None = None):
-        """Write checkpoint.pth (rank 0; every process calls it, for the random states): training goes on at
-        `iteration` of `epoch` (the next epoch's first when the epoch is done), with its running loss sums
-        `partial`; `pending`, the epoch's log record whose evaluation has not finished yet."""
-        done = iteration == iterations(epoch)
-        rng = [None] * world
-        if distributed:
-            dist.all_gather_object(rng, rng_state())
-        else:
-            rng = [rng_state()]
-        if is_main:
-            save_atomically({"model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-                             "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg),
-                             "categories": categories, "rng": rng, "best_ap": best_ap,
-                             "next": (epoch + 1, 0) if done else (epoch, iteration),
-                             "partial": None if done else partial, "pending": pending}, checkpoint_path)
-
-    def evaluate_and_save(epoch: int, record: dict) -> dict:
-        """Evaluate the finished `epoch` (when its record says it is due), write the checkpoint again, now
-        with no evaluation owed, keep it as best.pth if its AP is the best, append the record to log.jsonl."""
-        nonlocal best_ap
-        metrics, best = {}, False
-        if record.pop("evaluate"):
-            metrics = evaluate(evaluated, loader(val_set, False), device, cfg.num_select, cfg.amp) or {}  # rank 0's
-            if is_main:
-                log(format_metrics(metrics))
-                record["val"] = metrics
-            best = is_main and metrics["AP"] > best_ap
-            best_ap = max(best_ap, metrics.get("AP", best_ap))
-        save(epoch, iterations(epoch))
-        if best:
-            shutil.copyfile(checkpoint_path, output_dir / "best.pth")
-            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        if is_main:
-            with open(output_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        return metrics
-
-    log(f"DINO-4scale {cfg.backbone}, {cfg.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters; {len(train_set)} training / {len(val_set)} validation images; {world} process(es) on {device}")
-    metrics = {}
-    if pending is not None:  # the last run stopped after an epoch's checkpoint, before its evaluation ended
-        metrics = evaluate_and_save(start_epoch - 1, pending)
-    signals = held.enter_context(StopSignals(log))
-    board = held.enter_context(tensorboard_writer(output_dir / "tensorboard")) if args.tensorboard and is_main else None
-    clock = CheckpointClock(args.checkpoint_minutes, signals, device)
-    for epoch in range(start_epoch, cfg.epochs):
-        epoch_start = time.time()
-        skip = start_iteration if epoch == start_epoch else 0
-        sums, counts = (dict(running["sums"]), dict(running["counts"])) if skip and running else ({}, {})
-        try:
-            losses = train_one_epoch(train_model, criterion, loader(train_set, True, epoch, skip), optimizer, cfg,
-                                     epoch, device, ema, scaler, is_main, skip, iterations(epoch), sums, counts,
-                                     clock, save, board)
-            record = {"epoch": epoch, "train": losses, "lr": optimizer.param_groups[0]["lr"],  # this epoch's
-                      "seconds": time.time() - epoch_start,
-                      "evaluate": (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs}
-            scheduler.step()
-            save(epoch, iterations(epoch), pending=dict(record))  # before the evaluation, which then cannot lose it
-            metrics = evaluate_and_save(epoch, record) or metrics
-            clock.written()
-            if board is not None:  # the epoch's means and its AP, at the step the epoch ended
-                step = (epoch + 1) * iterations(epoch)
-                for name, value in losses.items():
-                    board.add_scalar(f"epoch/{name}", value, step)
-                for name, value in record.get("val", {}).items():
-                    if name != "per_class_AP":
-                        board.add_scalar(f"val/{name}", value, step)
-            if clock.due()[1] and epoch + 1 < cfg.epochs:  # a stop asked for during the epoch's last step or evaluation
-                raise clock.stopped(f"after epoch {epoch}")
-        except NonFiniteLoss as e:
-            kept = f"the last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path.exists() else "no checkpoint yet"
-            log(f"stopping: {e}; {kept}")
-            sys.exit(1)
-        except Stopped as e:
-            log(f"{e}; checkpoint written to {checkpoint_path}: resume with the same command and --resume")
-            sys.exit(e.exit_code)
-    if is_main and args.demo:
-        saved = save_pictures(evaluated, cfg, val_set, 8, 0.3, output_dir / "vis", device, cfg.amp)
-        log(f"demo: AP50 {metrics.get('AP50', 0.0):.3f}, AP {metrics.get('AP', 0.0):.3f} on the generated validation "
-            f"split; pictures of the detections in {saved[0].parent}")
-    if distributed:
-        dist.destroy_process_group()
-    return metrics
+def demo_pictures(setup: Setup, state: TrainState, metrics: dict) -> None:
+    evaluated = state.ema.module if state.ema is not None else state.model
+    saved = save_pictures(evaluated, setup.cfg, setup.val_set, 8, 0.3, setup.output_dir / "vis", setup.device,
+                          setup.cfg.amp)
+    setup.log(f"demo: AP50 {metrics.get('AP50', 0.0):.3f}, AP {metrics.get('AP', 0.0):.3f} on the generated "
+              f"validation split; pictures of the detections in {saved[0].parent}")
 
 
 if __name__ == "__main__":
