@@ -1,0 +1,211 @@
+"""One-line breaks of the paper's mechanisms, each of which some test must notice (STYLE.md, point 12).
+
+Each mutant replaces one piece of one line (it must occur exactly once in its file) and names the test
+files that guard it. The script copies the repository's tracked files once into a scratch folder (so the
+CPU kernel is built once, and the working tree is never touched), applies one mutant at a time there, runs
+pytest on the guarding files until the first failure, and restores the file. A mutant whose tests all
+pass *survives*: a mechanism no test guards. Exit status 1 if any survives.
+
+    python scripts/mutants.py              # every mutant (about 15 minutes on 2 cores)
+    python scripts/mutants.py -k denoising # those whose name contains a word
+    python scripts/mutants.py --list
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    before: str
+    after: str
+    tests: tuple[str, ...]
+
+
+M = Mutant
+MUTANTS = [
+    # --- Hungarian matching (DETR Sec. 3.1; DINO Sec. 4.1) -----------------------------------------------
+    M("matching: L1 cost with p=2", "matcher.py", "target_boxes_cxcywh.to(boxes_cxcywh.dtype), p=1)",
+      "target_boxes_cxcywh.to(boxes_cxcywh.dtype), p=2)", ("tests/test_matcher.py",)),
+    M("matching: class cost sign flipped", "matcher.py", "cost_class * (positive - negative)",
+      "cost_class * (negative - positive)", ("tests/test_matcher.py",)),
+    M("matching: GIoU rewarded the wrong way", "matcher.py", "- cost_giou * giou", "+ cost_giou * giou",
+      ("tests/test_matcher.py",)),
+    M("matching: softmax class probabilities", "matcher.py", "probs = logits.sigmoid()[:, target_labels]",
+      "probs = logits.softmax(-1)[:, target_labels]", ("tests/test_matcher.py",)),
+    M("matching: focal alpha on the wrong side", "matcher.py", "positive = alpha * (1 - probs)",
+      "positive = (1 - alpha) * (1 - probs)", ("tests/test_matcher.py",)),
+    # --- contrastive denoising (Sec. 3.3) ------------------------------------------------------------------
+    M("denoising: positives get the far band, negatives the near one", "denoising.py",
+      "repeat_interleave(len(image)) % 2 == 1", "repeat_interleave(len(image)) % 2 == 0",
+      ("tests/test_denoising.py",)),
+    M("denoising: negatives get no extra noise", "denoising.py",
+      "magnitude = torch.rand_like(boxes_cxcywh) + negative[:, None].to(boxes_cxcywh.dtype)",
+      "magnitude = torch.rand_like(boxes_cxcywh)", ("tests/test_denoising.py",)),
+    M("denoising: noise scaled by the full size", "denoising.py", "half_wh = boxes_cxcywh[:, 2:].repeat(1, 2) / 2",
+      "half_wh = boxes_cxcywh[:, 2:].repeat(1, 2)", ("tests/test_denoising.py",)),
+    M("denoising: matching queries see the DN queries", "denoising.py", "attn_mask[num_dn:, :num_dn] = True",
+      "attn_mask[num_dn:, :num_dn] = False", ("tests/test_denoising.py",)),
+    M("denoising: groups see each other", "denoising.py", "group[:, None] != group[None, :]",
+      "group[:, None] == group[None, :]", ("tests/test_denoising.py",)),
+    M("denoising: half as many groups", "denoising.py", "num_groups = max(1, dn_number // g_max)",
+      "num_groups = max(1, dn_number // (2 * g_max))", ("tests/test_denoising.py",)),
+    M("denoising: labels flipped twice as often", "denoising.py", "< label_noise_ratio * 0.5",
+      "< label_noise_ratio", ("tests/test_denoising.py",)),
+    M("denoising: positives looked up in the wrong slots", "denoising.py",
+      "repeat_interleave(n) * self.group_size", "repeat_interleave(n) * (self.group_size // 2)",
+      ("tests/test_denoising.py", "tests/test_losses.py")),
+    M("denoising: the decoder ignores the attention mask", "model.py", "attn_mask=self_attn_mask, need_weights",
+      "attn_mask=None, need_weights", ("tests/test_denoising.py",)),
+    # --- mixed query selection (Sec. 3.4) ------------------------------------------------------------------
+    M("query selection: the worst proposals", "model.py", "topk = logits.max(-1)[0].topk(Q, dim=1)[1]",
+      "topk = (-logits.max(-1)[0]).topk(Q, dim=1)[1]", ("tests/test_model.py",)),
+    M("query selection: anchors not detached", "model.py", "return content, anchors_unsig.detach(), interm",
+      "return content, anchors_unsig, interm", ("tests/test_model.py",)),
+    M("query selection: proposals not refined by the encoder's box head", "model.py",
+      "boxes_unsig = self.enc_box_head(memory) + proposals", "boxes_unsig = self.enc_box_head(memory) * 0 + proposals",
+      ("tests/test_model.py",)),
+    M("query selection: proposal sizes do not grow with the level", "model.py",
+      "torch.full_like(centres, 0.05 * 2.0 ** lvl)", "torch.full_like(centres, 0.05)", ("tests/test_model.py",)),
+    M("query selection: border tokens stay valid", "model.py", "inside.append(((n < hundredfold) & (hundredfold < 99 * n)).all(-1))",
+      "inside.append(((n < hundredfold) & (hundredfold < 99 * n)).any(-1))", ("tests/test_model.py",)),
+    # --- the decoder: look forward twice (Sec. 3.5) ---------------------------------------------------------
+    M("decoder: the next layer starts from undetached boxes", "model.py",
+      "box_before, anchors = refined, refined.detach()", "box_before, anchors = refined, refined",
+      ("tests/test_model.py",)),
+    M("decoder: look forward once only", "model.py", "box_before, anchors = refined, refined.detach()",
+      "box_before, anchors = refined.detach(), refined.detach()", ("tests/test_model.py",)),
+    M("decoder: supervised boxes refine the anchors again", "model.py",
+      "(box_head(hidden) + inverse_sigmoid(box_before))", "(box_head(hidden) + inverse_sigmoid(anchors))",
+      ("tests/test_model.py",)),
+    M("decoder: no final norm on the hidden states", "model.py", "hidden = self.norm(query)", "hidden = query",
+      ("tests/test_model.py",)),
+    M("decoder: box offsets not scaled by the half box", "deformable_attn.py",
+      "offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5",
+      "offsets / P * reference_points[:, :, None, :, None, 2:]", ("tests/test_deformable_attn.py",)),
+    # --- the losses (Sec. 4.1; DETR Eq. 2) -----------------------------------------------------------------
+    M("loss: focal alpha on the wrong side", "losses.py", "alpha=alpha, gamma=gamma, reduction=\"sum\"",
+      "alpha=1 - alpha, gamma=gamma, reduction=\"sum\"", ("tests/test_losses.py",)),
+    M("loss: GIoU averaged instead of normalised by the objects", "losses.py",
+      "\"xyxy\")).sum() / num_boxes", "\"xyxy\")).mean()", ("tests/test_losses.py",)),
+    M("loss: GIoU penalty from the intersection", "losses.py", "(iou - (enclosing - union) / (enclosing + eps))",
+      "(iou - (enclosing - inter) / (enclosing + eps))", ("tests/test_losses.py",)),
+    M("loss: DN terms not normalised by the groups", "losses.py", "outputs[\"dn_outputs\"], num_boxes * dn.num_groups",
+      "outputs[\"dn_outputs\"], num_boxes", ("tests/test_losses.py",)),
+    M("loss: box weight given to GIoU", "losses.py", "\"loss_bbox\": cfg.bbox_loss_coef",
+      "\"loss_bbox\": cfg.giou_loss_coef", ("tests/test_losses.py",)),
+    M("loss: the encoder's proposals unsupervised", "losses.py",
+      "matched = [(\"\", outputs), (\"_interm\", outputs[\"interm_outputs\"])]", "matched = [(\"\", outputs)]",
+      ("tests/test_losses.py",)),
+    M("loss: at least one object not enforced", "losses.py", "num_boxes = max(num_boxes, 1.0)",
+      "num_boxes = num_boxes or 0.5", ("tests/test_losses.py",)),
+    # --- the data checks and targets -----------------------------------------------------------------------
+    M("data: x2 clipped to the height", "data.py", "min(x + w, img[\"width\"])", "min(x + w, img[\"height\"])",
+      ("tests/test_data.py",)),
+    M("data: negative heights accepted", "data.py", "if w < 0 or h < 0:", "if w < 0:", ("tests/test_data.py",)),
+    M("data: a box on the image's edge is kept", "data.py", "if x2 <= x1 or y2 <= y1:", "if x2 < x1 or y2 < y1:",
+      ("tests/test_data.py",)),
+    M("data: crowd regions become targets", "data.py", "if not a.get(\"iscrowd\", 0)]", "if True]",
+      ("tests/test_data.py",)),
+    M("data: targets normalised by (h, w)", "data.py", "/ torch.tensor([w, h, w, h])", "/ torch.tensor([h, w, h, w])",
+      ("tests/test_data.py",)),
+    M("data: one class too few", "data.py", "return max(self.coco.cats, default=0) + 1",
+      "return max(self.coco.cats, default=0)", ("tests/test_data.py",)),
+    M("data: duplicate annotation ids accepted", "data.py", "if entry[\"id\"] in seen:", "if False:",
+      ("tests/test_data.py",)),
+    # --- post-processing ------------------------------------------------------------------------------------
+    M("postprocess: query and class swapped", "model.py", "query, labels = index // K, index % K",
+      "query, labels = index % K, index // K", ("tests/test_model.py",)),
+    M("postprocess: boxes scaled by (h, w)", "model.py", "size = torch.stack([w, h, w, h], 1)[:, None]",
+      "size = torch.stack([h, w, h, w], 1)[:, None]", ("tests/test_model.py",)),
+    M("postprocess: softmax scores", "model.py", "scores, index = logits.sigmoid().reshape",
+      "scores, index = logits.softmax(-1).reshape", ("tests/test_model.py",)),
+]
+
+
+def copy_repository(into: Path) -> None:
+    """The tracked files (and the untracked ones git does not ignore) of the repository, into `into`."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / name)
+
+
+def apply(text: str, mutant: Mutant) -> str:
+    """`text` with the mutant's one replacement; a ValueError if its `before` is not there exactly once."""
+    count = text.count(mutant.before)
+    if count != 1:
+        raise ValueError(f"mutant {mutant.name!r}: {mutant.before!r} occurs {count} times in {mutant.file}, "
+                         f"not once: update the mutant to the code")
+    mutated = text.replace(mutant.before, mutant.after)
+    compile(mutated, mutant.file, "exec")  # a break of the code's meaning, never of its syntax
+    return mutated
+
+
+def run_tests(folder: Path, mutant: Mutant, timeout: float) -> tuple[bool, str]:
+    """(killed, how): pytest on the mutant's test files in `folder`, stopping at the first failure."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not cuda", *mutant.tests]
+    try:
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    except subprocess.TimeoutExpired:
+        return True, "timed out"
+    failed = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    if done.returncode == 0:
+        return False, "every test passed"
+    return True, (failed[0] if failed else done.stdout.strip().splitlines()[-1])[:110]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", dest="word", help="only the mutants whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant (default 600)")
+    args = parser.parse_args()
+    mutants = [m for m in MUTANTS if not args.word or args.word in m.name]
+    try:
+        for m in mutants:  # every mutant must still fit the code before anything runs
+            apply((ROOT / m.file).read_text(), m)
+    except ValueError as e:
+        sys.exit(f"{parser.prog}: {e}")
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:70s} {m.file:20s} {' '.join(m.tests)}")
+        return
+    start, survivors = time.time(), []
+    with tempfile.TemporaryDirectory(prefix="dino-mutants-") as scratch:
+        folder = Path(scratch)
+        copy_repository(folder)
+        for i, m in enumerate(mutants, 1):
+            path = folder / m.file
+            original = path.read_text()
+            path.write_text(apply(original, m))
+            t = time.time()
+            try:
+                killed, how = run_tests(folder, m, args.timeout)
+            finally:
+                path.write_text(original)
+            print(f"[{i:2d}/{len(mutants)}] {'killed  ' if killed else 'SURVIVED'} {m.name} ({time.time() - t:.0f} s): "
+                  f"{how}", flush=True)
+            if not killed:
+                survivors.append(m.name)
+    print(f"{len(survivors)} survivors out of {len(mutants)} mutants, in {time.time() - start:.0f} s"
+          + (": " + "; ".join(survivors) if survivors else ""))
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()
