@@ -15,18 +15,6 @@ from torch import Tensor, nn
 from msda_cuda import ms_deform_attn
 
 
-def points_plus_pixel_offsets(reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor) -> Tensor:
-    """reference_points (B, Q, L, 2) + offsets (B, Q, M, L, P, 2) / (W_l, H_l) -> (B, Q, M, L, P, 2), i.e.
-        reference_points[:, :, None, :, None] + offsets / size_wh[:, None]
-    with both small operands first repeated over the P points, so that each broadcast runs over whole
-    (L, P, 2) rows: 5-9x as fast on the CPU as broadcasting over the middle dimensions of a 6-d view, the
-    same values."""
-    P = offsets.shape[-2]
-    size_wh = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1)  # (L, 2)
-    per_point = lambda t: t.unsqueeze(-2).expand(*t.shape[:-1], P, 2).contiguous()  # noqa: E731
-    return per_point(reference_points)[:, :, None] + offsets / per_point(size_wh)
-
-
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention (Deformable DETR Eq. 3) with its four projections.
 
@@ -97,3 +85,15 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got {tuple(reference_points.shape)}")
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)  # (B, Q, C)
         return self.output_proj(out)
+
+
+def points_plus_pixel_offsets(reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor) -> Tensor:
+    """reference_points (B, Q, L, 2) + offsets (B, Q, M, L, P, 2) / (W_l, H_l) -> (B, Q, M, L, P, 2), i.e.
+        reference_points[:, :, None, :, None] + offsets / size_wh[:, None]
+    with both small operands first repeated over the P points, so that each broadcast runs over whole
+    (L, P, 2) rows: 5-9x as fast on the CPU as broadcasting over the middle dimensions of a 6-d view, the
+    same values."""
+    P = offsets.shape[-2]
+    size_wh = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1)  # (L, 2)
+    per_point = lambda t: t.unsqueeze(-2).expand(*t.shape[:-1], P, 2).contiguous()  # noqa: E731
+    return per_point(reference_points)[:, :, None] + offsets / per_point(size_wh)

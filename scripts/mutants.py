@@ -159,8 +159,10 @@ def run_tests(folder: Path, mutant: Mutant, timeout: float) -> tuple[bool, str]:
     """(killed, how): pytest on the mutant's test files in `folder`, stopping at the first failure."""
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not cuda", *mutant.tests]
     try:
-        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        # the kernels' builds of the scratch copy in a cache of its own: sharing torch's, they would replace
+        # the working tree's builds (same names, other source paths), and each side would rebuild them
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TORCH_EXTENSIONS_DIR": str(folder / ".torch_extensions")}
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return True, "timed out"
     failed = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
