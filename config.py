@@ -70,6 +70,13 @@ BACKBONES = ("r50", "swinl", "r18")
 # the fields that make a trained model what it is: fine-tuning from one of our checkpoints takes them from it
 ARCHITECTURE = ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "activation",
                 "num_queries", "enc_n_points", "dec_n_points", "pe_temperature")
+# the fields a resumed run (train.py --resume) may change, each taking effect from where it goes on: the
+# optimiser's rates and decay, the schedule's length and drop, how often it evaluates, what it keeps and
+# how it loads and recomputes. Every other field would make the run another one (the architecture, the
+# batch size: samples already trained or never trained, the augmentation, the objective, the seed).
+CHANGEABLE_ON_RESUME = ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "epochs", "lr_drop", "eval_every",
+                        "num_select", "num_workers", "backbone_checkpointing", "encoder_checkpointing",
+                        "decoder_checkpointing")
 ACTIVATIONS = ("relu", "gelu")
 positive, non_negative = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
 at_least_one, fraction = (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v <= 1, "in [0, 1]")

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from checkpoints import load_pretrained, load_pretrained_backbone, pretrained_architecture, read_checkpoint
-from config import Config, ConfigError, make_config
+from config import CHANGEABLE_ON_RESUME, Config, ConfigError, make_config
 from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
 from eval import device_from_flag, evaluate, format_metrics, save_pictures
 from losses import Criterion
@@ -126,6 +126,11 @@ def minutes(text: str) -> float:
     return value
 
 
+def flag(field: str) -> str:
+    """The train.py flag of a Config field."""
+    return "--" + field.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:8]))
@@ -148,12 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo", action="store_true", help="train a small model on generated shapes (CPU, ~10 min)")
     hyper = parser.add_argument_group("hyperparameters (config.py; defaults are the seed's)")
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            hyper.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            hyper.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=f"default {f.default}")
         else:
-            hyper.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=f"default {f.default}")
+            hyper.add_argument(flag(f.name), type=type(f.default), default=argparse.SUPPRESS,
+                               help=f"default {f.default}")
     return parser
 
 
@@ -440,7 +445,16 @@ def data_paths(parser: argparse.ArgumentParser, args: argparse.Namespace, output
 def run_config(given: dict, resumed: dict | None, pretrained: dict | None, args: argparse.Namespace, log) -> Config:
     """The flags given over a resumed run's saved config, or over a pretrained checkpoint's architecture."""
     if resumed is not None:
-        return make_config(**{**resumed["config"], **given})  # flags given now override the saved ones
+        saved = resumed["config"]
+        changed = {k: v for k, v in given.items() if saved.get(k) != v}
+        refused = [k for k in changed if k not in CHANGEABLE_ON_RESUME]
+        if refused:
+            raise ConfigError(f"--resume: {', '.join(flag(k) for k in refused)} cannot change in a resumed run (it "
+                              f"was {', '.join(str(saved.get(k)) for k in refused)}); drop the flag, or start a new "
+                              f"run from its weights: --pretrained {args.output_dir or 'OUTPUT_DIR'}/checkpoint.pth")
+        if changed:
+            log("--resume with " + ", ".join(f"{flag(k)} {saved.get(k)} -> {v}" for k, v in changed.items()))
+        return make_config(**{**saved, **changed})
     saved = pretrained_architecture(pretrained) if pretrained is not None else {}
     cfg = make_config(**{**saved, **given})  # our checkpoint's architecture, unless a flag says otherwise
     if saved:
@@ -494,8 +508,20 @@ def build_state(setup: Setup, args: argparse.Namespace, checkpoint: dict | None)
                        make_grad_scaler(setup.device, cfg), make_ema(model, cfg.ema_decay) if cfg.ema else None)
     if args.resume:
         state.restore(checkpoint, setup.rank)
+        set_rates(state, cfg, checkpoint["config"])
         setup.log(f"resumed from {setup.checkpoint_path} at epoch {state.epoch}, iteration {state.iteration}")
     return state
+
+
+def set_rates(state: TrainState, cfg: Config, saved: dict) -> None:
+    """A resumed run given another --lr, --lr-backbone, --lr-drop or --weight-decay: the optimiser and the
+    schedule take the new values from where the run goes on (the restored ones are the saved run's)."""
+    if all(saved.get(k) == getattr(cfg, k) for k in ("lr", "lr_backbone", "lr_drop", "weight_decay")):
+        return  # untouched: the restored state, bit for bit
+    state.scheduler.base_lrs = [cfg.lr, cfg.lr_backbone]
+    for group, base in zip(state.optimizer.param_groups, state.scheduler.base_lrs):
+        group["initial_lr"], group["weight_decay"] = base, cfg.weight_decay
+        group["lr"] = base * lr_at_epoch(cfg, state.scheduler.last_epoch)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -288,3 +288,26 @@ def test_tensorboard_missing_is_one_line_before_any_work(shapes, tmp_path, monke
         run(shapes, tmp_path / "out", "--tensorboard")
     assert "--tensorboard needs TensorBoard: pip install tensorboard" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_flag_given_with_resume_takes_effect_and_is_saved(shapes, tmp_path, capsys):
+    """--lr and --epochs may change on --resume: the log says so, the next epoch trains at the new rate, and
+    the checkpoint's config is what the run does."""
+    run(shapes, tmp_path, "--epochs", "1")
+    run(shapes, tmp_path, "--epochs", "2", "--lr", "5e-4", "--resume")
+    assert "--resume with --lr 0.001 -> 0.0005, --epochs 1 -> 2" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == [1e-3, 5e-4]
+    checkpoint = read_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert checkpoint["config"]["lr"] == 5e-4 and checkpoint["optimizer"]["param_groups"][0]["lr"] == 5e-4
+
+
+@pytest.mark.parametrize("flags, named", [(["--num-queries", "20"], "--num-queries"),
+                                          (["--batch-size", "1"], "--batch-size")])
+def test_a_flag_that_would_make_another_run_is_refused_on_resume(shapes, tmp_path, capsys, flags, named):
+    run(shapes, tmp_path, "--epochs", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        run(shapes, tmp_path, "--epochs", "2", "--resume", *flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--resume: {named} cannot change in a resumed run" in err and "--pretrained" in err
