@@ -30,6 +30,7 @@ from data import CocoDetection, DataError, collate, eval_canvas, image_files, ma
 from inference import output_agreement
 from model import postprocess
 from precision import amp_autocast, at_least_float32
+from runs import replace_atomically, writable, write_atomically
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None):
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
     device = device_from_flag(args.device)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    writable(output_dir / "metrics.json", "--output-dir")
+    results_path = writable(output_dir / args.save_results, "--save-results") if args.save_results else None
     overrides = {"scale": args.scale} if args.scale is not None else {}
     model, cfg, categories = model_from_checkpoint(args.checkpoint, **overrides)
     model.to(device).eval()
@@ -273,7 +275,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
             for s, l, b in zip(det["scores"][keep], det["labels"][keep], det["boxes"][keep]):
                 print(f"  {categories.get(int(l), int(l))}  {float(s):.3f}  x1y1x2y2 {[round(v, 1) for v in b.tolist()]}")
             out = output_dir / f"{name}_detections.png"
-            draw_detections(image, det, categories, args.score_thr).save(out)
+            save_picture(draw_detections(image, det, categories, args.score_thr), out)
             print(f"  drawn in {out}")
         return
 
@@ -287,12 +289,11 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
     results, image_ids = predict(model, loader, device, cfg.num_select, args.amp)
     metrics = coco_metrics(dataset.coco, results, image_ids)
     print(format_metrics(metrics))
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(f"wrote {output_dir / 'metrics.json'}")
-    if args.save_results:
-        path = output_dir / args.save_results  # an absolute FILE replaces output_dir
-        path.write_text(json.dumps(results))
-        print(f"wrote {len(results)} detections of {len(image_ids)} images to {path}")
+    if results_path is not None:  # (an absolute FILE replaces output_dir)
+        write_atomically(results_path, json.dumps(results))
+        print(f"wrote {len(results)} detections of {len(image_ids)} images to {results_path}")
     if args.vis:
         save_pictures(model, cfg, dataset, args.vis, args.score_thr, output_dir / "vis", device, args.amp, canvas)
 
@@ -303,14 +304,19 @@ def save_pictures(model: torch.nn.Module, cfg: Config, dataset: CocoDetection, c
     """Draw the detections on the first `count` images of the dataset, in their original pixels."""
     folder.mkdir(parents=True, exist_ok=True)
     names = {c: dataset.coco.cats[c]["name"] for c in dataset.coco.cats}
+    infos = [dataset.coco.imgs[image_id] for image_id in dataset.ids[:count]]
     saved = []
-    for image_id in dataset.ids[:count]:
-        info = dataset.coco.imgs[image_id]
+    for info, stem in zip(infos, picture_names([info["file_name"] for info in infos])):  # a/x.jpg, b/x.jpg: 2 files
         path = dataset.image_dir / info["file_name"]
         image = TF.pil_to_tensor(read_image(path, (info["width"], info["height"]) if "width" in info else None))
-        saved.append(folder / f"{path.stem}.png")
-        draw_detections(image, detect_images(model, cfg, [image], device, amp, canvas)[0], names, score_thr).save(saved[-1])
+        saved.append(folder / f"{stem}.png")
+        picture = draw_detections(image, detect_images(model, cfg, [image], device, amp, canvas)[0], names, score_thr)
+        save_picture(picture, saved[-1])
     return saved
+
+
+def save_picture(picture: Image.Image, path: Path) -> None:
+    replace_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 if __name__ == "__main__":

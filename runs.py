@@ -39,8 +39,11 @@ _held_locks = []  # the lock files this process holds open
 def claim_output_dir(folder: Path):
     """Create `folder` and lock it for this process; returns the open lock file: the lock lasts until it is
     closed (it is a context manager) or the process ends. Raises ConfigError if another run holds it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = open(folder / ".lock", "a+")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a+")
+    except OSError as e:  # a read-only place, a path through a file, ...
+        raise ConfigError(f"--output-dir {folder}: cannot write there ({e.strerror or e})") from None
     if fcntl is None:
         return lock
     try:
@@ -59,16 +62,29 @@ def claim_output_dir(folder: Path):
     return lock
 
 
+class WriteError(ConfigError):
+    """A file a run writes could not be written (a full disk, no permission); the previous one is kept."""
+
+
 def replace_atomically(path: Path, write) -> None:
     """write(temporary path) beside `path`, then rename it to `path`: a kill at any instant leaves either the
-    old file or the new one, never a part of one."""
+    old file or the new one, never a part of one. A write that fails (a full disk) removes its temporary
+    file and raises WriteError, one line naming the file; the old file stays as it was."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is kept" if path.exists() else ""
+        raise WriteError(f"cannot write {path}: {e.strerror or e}{kept}") from None
 
 
 def save_atomically(obj, path: Path) -> None:
-    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path):
+        with open(tmp, "wb") as f:  # through Python's file: a full disk is an OSError, not torch's RuntimeError
+            torch.save(obj, f)
+    replace_atomically(path, save)
 
 
 def copy_atomically(source: Path, path: Path) -> None:
@@ -142,6 +158,20 @@ class TrainState:
         self.best_ap = checkpoint["best_ap"]
         rng = checkpoint["rng"]
         set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+
+
+def writable(path: Path, flag: str) -> Path:
+    """`path`, a file a run will write, checked before any work: its folder is created if need be, and a
+    ConfigError naming `flag` says why it cannot be written there."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a path through a file, a read-only place
+        raise ConfigError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder: give a file name")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: cannot write there (no permission in {path.parent})")
+    return path
 
 
 class EpochOrder(torch.utils.data.Sampler):

@@ -327,9 +327,10 @@ def evaluate_and_save(setup: Setup, state: TrainState, evaluated: torch.nn.Modul
     if best:
         copy_atomically(setup.checkpoint_path, setup.output_dir / "best.pth")
         write_atomically(setup.output_dir / "metrics.json", json.dumps(metrics, indent=2))
-    if setup.is_main:
-        with open(setup.output_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    if setup.is_main:  # the whole log rewritten, not appended to: a kill mid-line would leave half a record
+        log_file = setup.output_dir / "log.jsonl"
+        before = log_file.read_text() if log_file.exists() else ""
+        write_atomically(log_file, before + json.dumps(record) + "\n")
     return metrics
 
 

@@ -118,3 +118,46 @@ def test_labels_scale_with_the_picture():
         pixels = torch.as_tensor(np.array(draw_detections(image, detection, {1: "person"}, 0.5)))
         shares.append((pixels == torch.tensor(LABEL_COLOUR)).all(-1).float().mean().item())
     assert 0.5 < shares[1] / shares[0] < 2, shares
+
+
+@pytest.fixture(scope="module")
+def trained(shapes, tmp_path_factory):
+    """A checkpoint of one epoch on the shapes."""
+    out = tmp_path_factory.mktemp("run")
+    train.main(["--data", str(shapes), "--output-dir", str(out), *tiny_flags(), "--scale", "0.1", "--epochs", "1",
+                "--num-workers", "0"])
+    return out / "checkpoint.pth"
+
+
+def eval_main(*argv):
+    import eval as evaluation
+    return evaluation.main([*argv, "--num-workers", "0"])
+
+
+def test_save_results_into_a_new_folder_creates_it(shapes, trained, tmp_path):
+    eval_main(str(trained), "--data", str(shapes), "--output-dir", str(tmp_path), "--save-results", "sub/res.json")
+    assert json.loads((tmp_path / "sub" / "res.json").read_text())
+
+
+def test_an_output_path_that_cannot_be_written_stops_before_the_evaluation(shapes, trained, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(str(trained), "--data", str(shapes), "--output-dir", str(tmp_path), "--save-results", "file/res.json")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--save-results {tmp_path / 'file' / 'res.json'}: cannot write there" in err
+    assert not (tmp_path / "metrics.json").exists()  # nothing was evaluated
+
+
+def test_vis_draws_images_of_the_same_file_name_into_distinct_pictures(shapes, trained, tmp_path):
+    data = json.loads((shapes / "annotations" / "instances_val2017.json").read_text())
+    data["images"] = data["images"][:2]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in {i["id"] for i in data["images"]}]
+    for folder, info in zip("ab", data["images"]):
+        (tmp_path / "images" / folder).mkdir(parents=True)
+        (tmp_path / "images" / folder / "img.jpg").write_bytes((shapes / "val2017" / info["file_name"]).read_bytes())
+        info["file_name"] = f"{folder}/img.jpg"
+    (tmp_path / "val.json").write_text(json.dumps(data))
+    eval_main(str(trained), "--val-images", str(tmp_path / "images"), "--val-json", str(tmp_path / "val.json"),
+              "--output-dir", str(tmp_path / "out"), "--vis", "2")
+    assert sorted(p.name for p in (tmp_path / "out" / "vis").glob("*.png")) == ["a_img.png", "b_img.png"]

@@ -3,15 +3,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from config import ConfigError
 from conftest import tiny_flags
 from data import make_shapes_dataset
-from runs import claim_output_dir
+from runs import WriteError, claim_output_dir, save_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +45,54 @@ def test_a_second_training_run_into_the_same_folder_is_refused(tmp_path, capsys)
             train.main(["--data", str(shapes), "--output-dir", str(tmp_path / "out"), *tiny_flags(), "--scale", "0.1"])
     assert exit_info.value.code == 2
     assert "is in use by a run that is still going" in capsys.readouterr().err
+
+
+needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux), a disk that is always full")
+
+
+@needs_dev_full
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    """The temporary file of the write is /dev/full, where every write fails with ENOSPC."""
+    path = tmp_path / "checkpoint.pth"
+    save_atomically({"epoch": 1}, path)
+    (tmp_path / "checkpoint.pth.tmp").symlink_to("/dev/full")
+    with pytest.raises(WriteError, match=rf"cannot write {path}: No space left on device; the previous checkpoint.pth is kept"):
+        save_atomically({"epoch": 2, "weights": torch.zeros(100_000)}, path)
+    assert not (tmp_path / "checkpoint.pth.tmp").exists()  # the partial temporary file is removed
+    assert torch.load(path) == {"epoch": 1}
+
+
+def test_a_kill_at_any_instant_of_a_write_leaves_the_old_file_or_the_new_one(tmp_path):
+    """A child process writes best.pth over and over (copy_atomically, as train.py keeps its best checkpoint)
+    and is killed with SIGKILL at many instants: every time, best.pth is a complete checkpoint."""
+    good = tmp_path / "checkpoint.pth"
+    torch.save({"weights": torch.arange(2_000_000)}, good)
+    writer = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; from runs import copy_atomically\n"
+              f"print('writing', flush=True)\n"
+              f"while True: copy_atomically(Path({str(good)!r}), Path({str(tmp_path / 'best.pth')!r}))")
+    for delay in [0.01 * k for k in range(12)]:
+        child = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "writing"
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        if (tmp_path / "best.pth").exists():
+            assert torch.equal(torch.load(tmp_path / "best.pth")["weights"], torch.arange(2_000_000))
+
+
+@pytest.mark.parametrize("where", ["through a file", "read-only"])
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, where):
+    if where == "through a file":
+        (tmp_path / "file").write_text("")
+        output_dir = tmp_path / "file" / "run"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir(mode=0o500)
+        output_dir = tmp_path / "ro" / "run"
+    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=2, num_val=1, size=(64, 96))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(shapes), "--output-dir", str(output_dir), *tiny_flags(), "--scale", "0.1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--output-dir {output_dir}: cannot write there" in err
