@@ -67,6 +67,7 @@ class ConfigError(ValueError):
 
 
 BACKBONES = ("r50", "swinl", "r18")
+MAX_CLASSES = 100_000  # class ids are category ids: a larger one is a numbering, not a class count (LVIS: 1,203)
 # the fields that make a trained model what it is: fine-tuning from one of our checkpoints takes them from it
 ARCHITECTURE = ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "activation",
                 "num_queries", "enc_n_points", "dec_n_points", "pe_temperature")
@@ -83,7 +84,7 @@ at_least_one, fraction = (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v <= 1, "in
 RULES = {  # field -> (valid?, what valid means); every other field takes any value of its type
     "backbone": (lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
     "activation": (lambda v: v in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}"),
-    "num_classes": at_least_one, "nheads": at_least_one, "enc_layers": at_least_one, "dec_layers": at_least_one,
+    "num_classes": (lambda v: 1 <= v <= MAX_CLASSES, f"in 1..{MAX_CLASSES}"), "nheads": at_least_one, "enc_layers": at_least_one, "dec_layers": at_least_one,
     "hidden_dim": (lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (GroupNorm(32) in the input projections)"),
     "dim_feedforward": at_least_one, "num_queries": at_least_one, "enc_n_points": at_least_one,
     "dec_n_points": at_least_one, "num_select": at_least_one, "batch_size": at_least_one, "epochs": at_least_one,

@@ -77,6 +77,9 @@ def read_coco_json(ann_file: Path) -> dict:
             if entry["id"] in seen:
                 raise DataError(f"{ann_file}: {what} id {entry['id']} appears twice in '{key}' (ids must be unique)")
             seen.add(entry["id"])
+    negative = [c["id"] for c in data["categories"] if c["id"] < 0]
+    if negative:
+        raise DataError(f"{ann_file}: category id {negative[0]} is negative (category ids are class indices, 0 or more)")
     return data
 
 
@@ -233,7 +236,7 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, transforms: v2.Transform, log=print):
-        self.image_dir, self.transforms = Path(image_dir), transforms
+        self.image_dir, self.ann_file, self.transforms = Path(image_dir), Path(ann_file), transforms
         self.coco = load_coco(ann_file, image_dir, log)
         self.ids = sorted(self.coco.imgs)
         missing = [self.coco.imgs[i]["file_name"] for i in self.ids

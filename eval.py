@@ -28,7 +28,7 @@ from config import Config, ConfigError
 from cpu_memory import heap_kept
 from data import CocoDetection, DataError, collate, eval_canvas, image_files, make_transforms, read_image, split_paths
 from inference import output_agreement
-from model import postprocess
+from model import TooFewTokens, postprocess
 from precision import amp_autocast, at_least_float32
 from runs import replace_atomically, writable, write_atomically
 
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     try:
         run(parser, args)
-    except (ConfigError, DataError, FileNotFoundError) as e:  # the user's data, files or flags: one line
+    except (ConfigError, DataError, FileNotFoundError, TooFewTokens) as e:  # the user's data, files or flags: one line
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

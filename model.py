@@ -157,6 +157,17 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, level_shapes: list[t
     return memory.masked_fill(invalid, 0.0), proposals.masked_fill(invalid, float("inf"))
 
 
+class TooFewTokens(ValueError):
+    """An image too small for the number of queries: mixed query selection keeps Q of its S encoder tokens."""
+
+    def __init__(self, tokens: int, queries: int):
+        # a side-n square gives about n^2 / 64 * (1 + 1/4 + 1/16 + 1/64) tokens on the strides 8, 16, 32, 64
+        side = math.ceil(math.sqrt(queries * 64 / (1 + 1 / 4 + 1 / 16 + 1 / 64)))
+        super().__init__(f"an image (after resizing) gives {tokens} encoder tokens, fewer than the {queries} queries "
+                         f"the model keeps: it needs about {side}x{side} pixels or more (or a model with fewer "
+                         f"queries, --num-queries)")
+
+
 class MLP(nn.Module):
     """num_layers linear layers with ReLU between them."""
 
@@ -376,8 +387,7 @@ class DINO(nn.Module):
         B, S, _ = memory.shape
         Q = self.cfg.num_queries
         if S < Q:
-            raise ValueError(f"the image gives {S} encoder tokens, fewer than num_queries={Q}: "
-                             f"use larger images or fewer queries")
+            raise TooFewTokens(S, Q)
         memory, proposals = encoder_proposals(memory, padding_mask, level_shapes)
         memory = self.enc_output_norm(self.enc_output(memory))
         logits = self.enc_class_head(memory)  # (B, S, K)

@@ -33,11 +33,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from checkpoints import load_pretrained, load_pretrained_backbone, pretrained_architecture, read_checkpoint
-from config import CHANGEABLE_ON_RESUME, Config, ConfigError, make_config
+from config import CHANGEABLE_ON_RESUME, MAX_CLASSES, Config, ConfigError, make_config
 from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
 from eval import device_from_flag, evaluate, format_metrics, save_pictures
 from losses import Criterion
-from model import DINO, build_dino
+from model import DINO, TooFewTokens, build_dino
 from precision import amp_autocast, amp_dtype
 from runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, copy_atomically,
                   data_worker_init, write_atomically)
@@ -463,6 +463,36 @@ def run_config(given: dict, resumed: dict | None, pretrained: dict | None, args:
     return cfg
 
 
+def check_category_ids(*datasets: CocoDetection) -> int:
+    """The number of classes the datasets' category ids need (the largest id + 1: ids are class indices)."""
+    largest, where = max(((max(d.coco.cats, default=0), d) for d in datasets), key=lambda pair: pair[0])
+    if largest + 1 > MAX_CLASSES:
+        raise DataError(f"{where.ann_file}: category id {largest} ('{where.coco.cats[largest]['name']}') would need a "
+                        f"class head of {largest + 1} outputs (category ids are the class indices): number the "
+                        f"categories 1..{len(where.coco.cats)}")
+    return largest + 1
+
+
+def check_categories(cfg: Config, train_set: CocoDetection, val_set: CocoDetection, log) -> None:
+    """Before training: the class head holds every category id; the two files name each id alike; a warning
+    for validation categories that the training data never shows (the model cannot learn them: AP 0)."""
+    needed = check_category_ids(train_set, val_set)
+    if cfg.num_classes < needed:
+        raise ConfigError(f"--num-classes {cfg.num_classes} is too small for category id {needed - 1} of the data "
+                          f"(category ids are the class indices): it must be at least {needed}")
+    train_cats, val_cats = train_set.coco.cats, val_set.coco.cats
+    for c in sorted(train_cats.keys() & val_cats.keys()):
+        if train_cats[c].get("name") != val_cats[c].get("name"):
+            raise DataError(f"category id {c} is {train_cats[c].get('name')!r} in {train_set.ann_file} but "
+                            f"{val_cats[c].get('name')!r} in {val_set.ann_file}: the files number their categories "
+                            f"differently")
+    unseen = sorted({a["category_id"] for a in val_set.coco.anns.values()}
+                    - {a["category_id"] for a in train_set.coco.anns.values()})
+    if unseen:
+        log(f"warning: validation categories {', '.join(repr(val_cats[c]['name']) for c in unseen)} have no "
+            f"training annotations: the model cannot learn them, and their AP will be 0")
+
+
 def set_up(parser: argparse.ArgumentParser, args: argparse.Namespace, held: contextlib.ExitStack):
     """Setup, and the resumed checkpoint or the pretrained one (None if neither); every flag is checked
     before any work."""
@@ -488,7 +518,8 @@ def set_up(parser: argparse.ArgumentParser, args: argparse.Namespace, held: cont
     train_set = CocoDetection(*train_paths, make_transforms(train=True, scale=cfg.scale), log)
     val_set = CocoDetection(*val_paths, make_transforms(train=False, scale=cfg.scale), log)
     if "num_classes" not in given and resumed is None:
-        cfg = dataclasses.replace(cfg, num_classes=max(train_set.num_classes, val_set.num_classes))
+        cfg = dataclasses.replace(cfg, num_classes=check_category_ids(train_set, val_set))
+    check_categories(cfg, train_set, val_set, log)
     setup = Setup(cfg, device, output_dir, rank, world, distributed, train_set, val_set, log)
     return setup, resumed or pretrained
 
@@ -545,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict:
             if setup.distributed:
                 dist.destroy_process_group()
             return metrics
-    except (ConfigError, DataError, FileNotFoundError) as e:  # the user's data, files or flags: one line
+    except (ConfigError, DataError, FileNotFoundError, TooFewTokens) as e:  # the user's data, files or flags: one line
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

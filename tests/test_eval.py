@@ -161,3 +161,12 @@ def test_vis_draws_images_of_the_same_file_name_into_distinct_pictures(shapes, t
     eval_main(str(trained), "--val-images", str(tmp_path / "images"), "--val-json", str(tmp_path / "val.json"),
               "--output-dir", str(tmp_path / "out"), "--vis", "2")
     assert sorted(p.name for p in (tmp_path / "out" / "vis").glob("*.png")) == ["a_img.png", "b_img.png"]
+
+
+def test_images_too_small_for_the_queries_are_one_line_naming_the_size_needed(shapes, trained, tmp_path, capsys):
+    image = next((shapes / "val2017").iterdir())
+    with pytest.raises(SystemExit) as exit_info:  # --scale 0.02: 16 pixels on the shorter side, 7 tokens for 30 queries
+        eval_main(str(trained), "--image", str(image), "--scale", "0.02", "--output-dir", str(tmp_path))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "fewer than the 30 queries the model keeps: it needs about 39x39 pixels or more" in err

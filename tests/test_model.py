@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_dino
-from model import box_sine_embedding, build_dino, encoder_proposals, inverse_sigmoid, postprocess, sine_position_embedding
+from model import (TooFewTokens, box_sine_embedding, build_dino, encoder_proposals, inverse_sigmoid, postprocess,
+                   sine_position_embedding)
 
 
 def test_output_shapes():
@@ -235,8 +236,9 @@ def test_postprocess_picks_the_best_query_class_pairs():
 
 
 def test_too_many_queries_for_a_tiny_image_is_a_clear_error():
-    with pytest.raises(ValueError, match="num_queries"):
+    with pytest.raises(TooFewTokens, match="gives 85 encoder tokens, fewer than the 900 queries .* about 209x209 pixels"):
         tiny_dino(num_queries=900).eval()(torch.randn(1, 3, 64, 64))
+    tiny_dino(num_queries=900).eval()(torch.randn(1, 3, 209, 209))  # enough
 
 
 def test_unknown_hyperparameter_is_a_clear_error():

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,50 @@ def test_a_flag_that_would_make_another_run_is_refused_on_resume(shapes, tmp_pat
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert f"--resume: {named} cannot change in a resumed run" in err and "--pretrained" in err
+
+
+def edited_copy(shapes, folder, split, change):
+    """A copy of the shapes dataset with change(data) applied to the split's annotation file."""
+    import shutil
+    shutil.copytree(shapes, folder)
+    path = folder / "annotations" / f"instances_{split}2017.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return folder
+
+
+def rename_category(data, old, new, name):
+    data["categories"] = [{**c, "id": new, "name": name} if c["id"] == old else c for c in data["categories"]]
+    for a in data["annotations"]:
+        a["category_id"] = new if a["category_id"] == old else a["category_id"]
+
+
+@pytest.mark.parametrize("split, change, flags, message", [
+    ("val", lambda d: None, ["--num-classes", "3"],
+     "--num-classes 3 is too small for category id 3 of the data .* it must be at least 4"),
+    ("train", lambda d: rename_category(d, 3, 10**9, "triangle"), [],
+     r"instances_train2017.json: category id 1000000000 \('triangle'\) would need a class head of 1000000001 outputs"),
+    ("val", lambda d: rename_category(d, 3, 3, "wedge"), [],
+     "category id 3 is 'triangle' in .*instances_train2017.json but 'wedge' in .*instances_val2017.json"),
+    ("val", lambda d: d["categories"].append({"id": -1, "name": "x"}), [], "category id -1 is negative"),
+], ids=["num-classes too small", "huge category id", "renamed category", "negative category id"])
+def test_categories_that_do_not_fit_stop_before_training_with_one_line(shapes, tmp_path, capsys, split, change, flags,
+                                                                      message):
+    data = edited_copy(shapes, tmp_path / "data", split, change)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(data), "--output-dir", str(tmp_path / "out"), *FLAGS, *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_validation_categories_never_trained_on_are_named_before_training(shapes, tmp_path, capsys):
+    def only_squares_and_circles(data):
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 3]
+    data = edited_copy(shapes, tmp_path / "data", "train", only_squares_and_circles)
+    train.main(["--data", str(data), "--output-dir", str(tmp_path / "out"), *FLAGS, "--epochs", "1"])
+    out = capsys.readouterr().out
+    warning = "warning: validation categories 'triangle' have no training annotations"
+    assert warning in out and out.index(warning) < out.index("epoch 0 [")
