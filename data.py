@@ -12,30 +12,26 @@ augmented image's size; crowd annotations are left out of the training targets, 
 to the image and empty ones dropped. Images without annotations are kept.
 """
 import contextlib
-import glob
 import io
 import json
 import math
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from image_io import DataError, read_image, stored_image_size
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # --- reading --------------------------------------------------------------------------------------
-
-class DataError(ValueError):
-    """A user's data is wrong: the message names the file, the entry and the field."""
-
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -47,14 +43,6 @@ def _is_number(v) -> bool:
 
 def _listed(problems: list[str]) -> str:
     return "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-
-
-def stored_image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as read_image(path, None) gives it, from the file's header alone."""
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)  # EXIF orientations 5..8 turn the image by 90 degrees
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def read_coco_json(ann_file: Path) -> dict:
@@ -159,36 +147,6 @@ def load_coco(ann_file: str | Path, image_dir: str | Path | None = None, log=pri
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
-
-
-HIGH_BIT_DEPTH = {"I;16": 8, "I;16L": 8, "I;16B": 8, "I;16N": 8, "I": 8}  # PIL mode -> bits to drop for 8-bit
-
-
-def read_image(path: Path, json_size: tuple[int, int] | None) -> Image.Image:
-    """RGB image with its EXIF orientation applied, unless the annotation file's (width, height) says
-    the annotations were made on the stored pixels (a rotation that swaps width and height). 16-bit
-    images are scaled to 8 bits (PIL's convert would clip them to white)."""
-    try:
-        with Image.open(path) as raw:
-            raw.load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
-    except Exception as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
-    image = ImageOps.exif_transpose(raw)
-    if json_size is not None and image.size != json_size:
-        if raw.size != json_size:
-            raise DataError(f"image {path} is {image.size[0]}x{image.size[1]} but the annotation file says "
-                            f"{json_size[0]}x{json_size[1]}")
-        image = raw
-    if image.mode in HIGH_BIT_DEPTH:  # 16-bit grey (PIL reads 16-bit colour PNGs as 8-bit RGB itself)
-        pixels = np.asarray(image, dtype=np.int64)
-        if pixels.min() < 0 or pixels.max() > 65535:
-            raise DataError(f"image {path} has {image.mode} pixels outside 0..65535")
-        image = Image.fromarray((pixels >> HIGH_BIT_DEPTH[image.mode]).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        raise DataError(f"image {path} has floating-point pixels (PIL mode F): convert it to 8 or 16 bits")
-    return image.convert("RGB")  # grayscale, palette, RGBA, CMYK -> RGB
 
 
 class RandomSizeCrop(v2.Transform):
@@ -398,26 +356,6 @@ def coco_category_names() -> dict[int, str]:
     from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
     names = FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]  # indexed by id, "N/A" in the gaps
     return {i: name for i, name in enumerate(names) if name not in ("__background__", "N/A")}
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def image_files(items: list[str]) -> list[Path]:
-    """Files, folders (their images, sorted) and glob patterns (`photos/**/*.jpg`) -> image files, in order;
-    a DataError names an item that gives none."""
-    files = []
-    for item in items:
-        if any(c in item for c in "*?["):
-            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-        elif Path(item).is_dir():
-            found = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            found = [Path(item)]
-        if not found:
-            raise DataError(f"--image {item}: no image files there")
-        files += found
-    return files
 
 
 def coco_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:

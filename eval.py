@@ -26,7 +26,8 @@ from torchvision.transforms.v2 import functional as TF
 from checkpoints import model_from_checkpoint
 from config import Config, ConfigError
 from cpu_memory import heap_kept
-from data import CocoDetection, DataError, collate, eval_canvas, image_files, make_transforms, read_image, split_paths
+from data import CocoDetection, DataError, collate, eval_canvas, make_transforms, read_image, split_paths
+from image_io import image_files
 from inference import output_agreement
 from model import TooFewTokens, postprocess
 from precision import amp_autocast, at_least_float32

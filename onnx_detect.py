@@ -1,6 +1,9 @@
 """Detections from an exported DINO (export.py) with ONNX Runtime, numpy and Pillow only: no torch.
 
-    python onnx_detect.py dino.onnx street.jpg [more.jpg ...] [--score-thr 0.3]
+    python onnx_detect.py dino.onnx street.jpg [more.jpg photos/ 'shots/**/*.png' ...] [--score-thr 0.3]
+
+Images are read as training and eval.py read them (image_io.read_image: EXIF orientation, RGB, 16-bit
+scaled to 8 bits); folders and glob patterns as eval.py --image takes them.
 
 The exported graph takes images letterboxed to its fixed size (scaled to fit with their aspect ratio
 kept, zero-padded at the bottom and right), the size each fills and its original size, and gives the
@@ -9,9 +12,12 @@ eval.py with torchvision's, so their detections can differ by as much as the two
 """
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from image_io import DataError, image_files, read_image, rgb
 
 
 def load(path: str):
@@ -29,7 +35,7 @@ def letterbox(image: Image.Image, height: int, width: int) -> tuple[np.ndarray, 
     scale = min(height / image.height, width / image.width)
     h, w = max(1, round(image.height * scale)), max(1, round(image.width * scale))
     canvas = np.zeros((3, height, width), np.uint8)
-    canvas[:, :h, :w] = np.asarray(image.convert("RGB").resize((w, h), Image.BILINEAR)).transpose(2, 0, 1)
+    canvas[:, :h, :w] = np.asarray(rgb(image).resize((w, h), Image.BILINEAR)).transpose(2, 0, 1)
     return canvas, (h, w)
 
 
@@ -50,13 +56,17 @@ def main():
     parser.add_argument("images", nargs="+")
     parser.add_argument("--score-thr", type=float, default=0.3)
     args = parser.parse_args()
+    if not Path(args.model).is_file():
+        parser.error(f"model {args.model} does not exist (export.py writes it)")
     session = load(args.model)
-    for path in args.images:
-        image = ImageOps.exif_transpose(Image.open(path))
-        detections = detect(session, image, args.score_thr)
-        print(f"{path}: {len(detections)} detections with score >= {args.score_thr}")
-        for score, label, box in detections:
-            print(f"  {label}  {score:.3f}  x1y1x2y2 {[round(v, 1) for v in box]}")
+    try:
+        for path in image_files(args.images, "image"):
+            detections = detect(session, read_image(path, None), args.score_thr)
+            print(f"{path}: {len(detections)} detections with score >= {args.score_thr}")
+            for score, label, box in detections:
+                print(f"  {label}  {score:.3f}  x1y1x2y2 {[round(v, 1) for v in box]}")
+    except (DataError, FileNotFoundError) as e:  # a missing, unreadable or truncated image: one line
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

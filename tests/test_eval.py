@@ -95,7 +95,7 @@ def test_pictures_of_images_with_the_same_name_do_not_overwrite_each_other():
 
 
 def test_image_arguments_take_files_folders_and_globs(tmp_path):
-    from data import DataError, image_files
+    from image_io import DataError, image_files
     for name in ("b.jpg", "a.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()

@@ -2,14 +2,17 @@
 Runtime then gives PyTorch's detections; the deployment example needs no torch."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import export
+import onnx_detect
 from checkpoints import convert_official_state_dict
 from conftest import tiny_dino
 from inference import compare_detections
@@ -166,3 +169,39 @@ def test_swin_exports_where_its_windows_need_padding(tmp_path):
         want = swin(images)
     for g, w in zip(got, want):
         torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_detect_reads_16_bit_images_as_training_does(tmp_path):
+    """A 16-bit grayscale ramp letterboxed as a ramp (onnx_detect.letterbox read it all white before)."""
+    from PIL import Image
+    ramp = (np.arange(64 * 32) * 32).reshape(32, 64).astype("uint16")  # 0 .. 65504
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    pixels, (h, w) = onnx_detect.letterbox(Image.open(tmp_path / "deep.png"), 32, 64)
+    assert (h, w) == (32, 64) and np.array_equal(pixels[0], (ramp >> 8).astype(np.uint8))
+
+
+def onnx_detect_run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "onnx_detect.py"), *map(str, args), "--score-thr", "0.5"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_onnx_detect_takes_folders_and_globs_and_names_a_bad_image_in_one_line(exported, tmp_path):
+    import random
+    from data import shapes_image
+    for name in ("a.png", "b.jpg"):
+        shapes_image(random.Random(1), 120, 90)[0].save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = onnx_detect_run(exported[0], tmp_path, tmp_path / "*.jpg")  # the folder's 2 images, then b.jpg again
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if not line.startswith(" ")] == \
+        [str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), str(tmp_path / "b.jpg")]
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "b.jpg").read_bytes()[:300])  # truncated
+    for bad, message in [(tmp_path / "missing.jpg", "image .*missing.jpg does not exist"),
+                         (tmp_path / "notes.txt", "cannot read image .*notes.txt"),
+                         (tmp_path / "cut.jpg", "cannot read image .*cut.jpg"),
+                         (tmp_path / "*.gif", r"\*.gif: no image files there")]:
+        result = onnx_detect_run(exported[0], bad)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert re.search(message, result.stderr), result.stderr
+    result = onnx_detect_run(tmp_path / "none.onnx", tmp_path / "a.png")
+    assert result.returncode == 2 and "model " in result.stderr and "does not exist" in result.stderr

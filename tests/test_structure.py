@@ -5,8 +5,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # bottom to top
-    {"config", "precision", "cpu_memory", "onnx_detect"},
-    {"msda_cuda"},
+    {"config", "precision", "cpu_memory", "image_io"},
+    {"msda_cuda", "onnx_detect"},
     {"backbone", "deformable_attn", "denoising", "matcher", "data", "runs"},
     {"model", "losses"},
     {"checkpoints", "inference"},
