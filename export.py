@@ -36,7 +36,10 @@ from data import IMAGENET_MEAN, IMAGENET_STD, DataError, shapes_image
 from inference import compare_detections
 from model import select_detections
 from onnx_detect import letterbox
+from runs import replace_atomically, writable
 
+# the newest opset torch's TorchScript-based exporter writes (20 in torch 2.14)
+MAX_OPSET = getattr(torch.onnx._constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
 INPUTS, OUTPUTS = ["images", "valid_sizes", "orig_sizes"], ["scores", "labels", "boxes"]
 
 
@@ -73,9 +76,10 @@ def export(deployable: Deployable, path: Path, height: int, width: int, batch: i
     with torch.no_grad(), warnings.catch_warnings():
         # tracing warns at every shape it turns into a constant: fixed input sizes are the point
         warnings.simplefilter("ignore")
-        torch.onnx.export(deployable, example, str(path), dynamo=False, opset_version=opset,
-                          input_names=INPUTS, output_names=OUTPUTS, do_constant_folding=True,
-                          dynamic_axes={name: {0: "batch"} for name in INPUTS + OUTPUTS} if dynamic_batch else None)
+        replace_atomically(path, lambda tmp: torch.onnx.export(
+            deployable, example, str(tmp), dynamo=False, opset_version=opset, input_names=INPUTS,
+            output_names=OUTPUTS, do_constant_folding=True,
+            dynamic_axes={name: {0: "batch"} for name in INPUTS + OUTPUTS} if dynamic_batch else None))
     return time.perf_counter() - start
 
 
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None):
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="a fixed batch size (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="any batch size")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    parser.add_argument("--opset", type=int, default=17,
+                        help=f"ONNX opset, 17 to {MAX_OPSET} (default 17; LayerNorm needs 17, the exporter stops at {MAX_OPSET})")
     args = parser.parse_args(argv)
     if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):
         parser.exit(2, "export.py needs ONNX and ONNX Runtime: pip install onnx onnxruntime\n")
@@ -147,6 +152,9 @@ def main(argv: list[str] | None = None):
                                    ("--opset", args.opset, 17)):
             if value < least:
                 raise ConfigError(f"{flag} must be >= {least}, got {value}")
+        if args.opset > MAX_OPSET:
+            raise ConfigError(f"--opset must be at most {MAX_OPSET} (torch's TorchScript exporter), got {args.opset}")
+        writable(Path(args.output), "--output")
         model, cfg, _ = model_from_checkpoint(args.checkpoint)
         deployable = Deployable(model, cfg.num_select)
         path = Path(args.output)

@@ -205,3 +205,13 @@ def test_onnx_detect_takes_folders_and_globs_and_names_a_bad_image_in_one_line(e
         assert re.search(message, result.stderr), result.stderr
     result = onnx_detect_run(tmp_path / "none.onnx", tmp_path / "a.png")
     assert result.returncode == 2 and "model " in result.stderr and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [(["--opset", "99"], "--opset must be at most 20"),
+                                            (["--opset", "16"], "--opset must be >= 17, got 16")])
+def test_export_flags_out_of_range_are_one_line(tiny_checkpoint, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(tiny_checkpoint), "--output", str(tmp_path / "x.onnx"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "x.onnx").exists()
