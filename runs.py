@@ -8,6 +8,7 @@ process ends, however it ends (Ctrl-C, SIGTERM, kill -9, a crash), so a dead run
 claim behind and no stale-lock cleaning is needed. The file holds the holder's pid and host, for the
 refusal's message. (Where flock does not exist, on Windows, runs are not locked.)
 """
+import contextlib
 import math
 import os
 import random
@@ -199,16 +200,47 @@ class EpochOrder(torch.utils.data.Sampler):
 
 
 def data_worker_init(worker_id: int) -> None:
-    """DataLoader worker_init_fn. A worker moves to a process group of its own: a signal sent to the run's
-    group (Ctrl-C in a terminal; torchrun and batch schedulers send SIGTERM to a process's whole group)
-    then reaches only the main process, which stops the run in order (StopSignals) and ends its workers
-    itself; a worker killed by it would crash the loader, at a different step in each process. (The
-    DataLoader still ends them by pid; they also end when their parent dies.) And a forked worker closes
-    its copy of the output folder's lock, so that the lock ends with the run, not with its last worker."""
+    """DataLoader worker_init_fn: a stop signal, however it is sent, reaches the main process, which stops the
+    run in order (StopSignals); a worker killed by it would crash the loader, at a different step in each
+    process, with nothing saved.
+
+    A worker moves to a process group of its own, so that a signal to the run's group (Ctrl-C in a terminal;
+    `kill -- -PGID`) reaches only the main process; it ignores SIGINT; and a thread of its own waits for
+    SIGTERM (blocked since the worker was forked: runs.signals_held) and passes it on to the main process
+    (scancel and other batch schedulers signal every process of a job; an operator may signal a worker),
+    unless the main process sent it (the DataLoader ending a worker that did not stop by itself): then
+    the worker ends. A forked worker also closes its copy of the output folder's lock, so that the lock
+    ends with the run, not with its last worker."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
     for lock in _held_locks:
         lock.close()
+    if hasattr(signal, "sigwaitinfo"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_pass_sigterm_on, args=(os.getppid(),), daemon=True).start()
+
+
+def _pass_sigterm_on(main_process: int) -> None:
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == main_process:
+            os._exit(128 + signal.SIGTERM)
+        os.kill(main_process, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGTERM and SIGINT held back (pending) for the length of the block, then delivered: data workers
+    started inside it are forked with them blocked, so none can die of one before data_worker_init runs."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StopSignals:

@@ -40,7 +40,7 @@ from losses import Criterion
 from model import DINO, TooFewTokens, build_dino
 from precision import amp_autocast, amp_dtype
 from runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, copy_atomically,
-                  data_worker_init, write_atomically)
+                  data_worker_init, signals_held, write_atomically)
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
 DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
@@ -275,8 +275,10 @@ def train_one_epoch(setup: Setup, state: TrainState, model: torch.nn.Module, cri
     model.train()
     start = last_print = time.time()
     first = state.iteration
+    with signals_held():  # the workers start here (runs.data_worker_init)
+        batches = iter(setup.loader(True, epoch, skip=first))
     try:
-        for images, mask, targets in setup.loader(True, epoch, skip=first):
+        for images, mask, targets in batches:
             images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
