@@ -3,8 +3,9 @@
 Every official parameter name lives in this file: official DINO's (IDEA-Research/DINO at faa8520, the
 names inside checkpoint0011_4scale.pth and its Swin-L sibling; `reference/` lists them all) and those
 of the official Swin classification checkpoint that the Swin-L backbone starts from. Our own
-checkpoints (train.py) hold {"model", "ema", "optimizer", "lr_scheduler", "scaler", "epoch", "config",
-"categories", "rng", "best_ap"}.
+checkpoints (train.py, written by runs.TrainState.save) hold {"model", "ema", "optimizer",
+"lr_scheduler", "scaler", "epoch", "next", "partial", "pending", "config", "categories", "rng",
+"best_ap"}.
 """
 import argparse
 import dataclasses

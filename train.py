@@ -12,6 +12,10 @@ broken file), a line in OUTPUT_DIR/log.jsonl and, every --eval-every epochs, COC
 validation set; the best AP so far is kept in OUTPUT_DIR/best.pth. --resume continues from
 checkpoint.pth with the optimiser, schedule, epoch and random state, giving the same losses as a
 run that never stopped.
+
+Reading order: main -> set_up (flags, processes, output folder, data, config: a Setup) -> build_state
+(model, optimiser, ...: a runs.TrainState) -> train (the epoch loop) -> train_one_epoch -> train_step
+(forward, loss terms, weighted sum, backward, clip, step).
 """
 import argparse
 import contextlib
