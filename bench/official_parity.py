@@ -63,10 +63,11 @@ def on_the_cpu():
 
 def official_args(official: Path, backbone: str) -> argparse.Namespace:
     """The official config file (and its _base_), as the Namespace its build_dino reads."""
-    values = {}
-    for name in ("coco_transformer.py", CONFIGS[backbone]):
-        exec((official / "config" / "DINO" / name).read_text(), {}, values)
-    values = {k: v for k, v in values.items() if not k.startswith("_")}
+    folder, values, base = official / "config" / "DINO", {}, {}
+    exec((folder / CONFIGS[backbone]).read_text(), {}, values)
+    for name in values.get("_base_", []):  # the file's own list of the files it builds on
+        exec((folder / name).read_text(), {}, base)
+    values = {k: v for k, v in {**base, **values}.items() if not k.startswith("_")}
     values.update(device="cpu", masks=False, frozen_weights=None, dataset_file="coco", num_classes=91,
                   dn_labelbook_size=91)
     return argparse.Namespace(**values)

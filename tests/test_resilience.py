@@ -168,36 +168,3 @@ def test_a_second_ctrl_c_aborts_at_once():
     assert result.returncode == 128 + signal.SIGINT and "not aborted" not in result.stdout
     assert "SIGINT: stopping after this step" in result.stdout and "aborted by a second Ctrl-C" in result.stderr
 
-
-def worker_pids(pid: int) -> list[int]:
-    """The child processes of `pid` (its DataLoader workers), from /proc."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in children.read_text().split()] if children.exists() else []
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the data workers through /proc (Linux)")
-@pytest.mark.parametrize("delivery", ["process group", "a data worker"])
-def test_a_sigterm_to_the_group_or_to_a_data_worker_stops_the_run_in_order(tmp_path, delivery):
-    """What SLURM's scancel, torchrun and `kill -- -PGID` do reaches the data workers too: the run still
-    finishes its step, writes its checkpoint and exits 128 + SIGTERM, and resumes from it."""
-    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=48, num_val=2, size=(64, 96))
-    command = [sys.executable, str(ROOT / "train.py"), "--data", str(shapes), "--output-dir", str(tmp_path / "out"),
-               *FLAGS, "--checkpoint-minutes", "0.00001"]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                           start_new_session=True)  # a process group of its own, as a batch job has
-    checkpoint = tmp_path / "out" / "checkpoint.pth"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (checkpoint.exists() and read_checkpoint(str(checkpoint))["next"] >= (0, 1)
-                                          and worker_pids(run.pid)):
-        time.sleep(0.2)
-    if delivery == "process group":
-        os.killpg(run.pid, signal.SIGTERM)
-    else:
-        os.kill(worker_pids(run.pid)[0], signal.SIGTERM)
-    output = run.communicate(timeout=240)[0]
-    assert run.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert "stopped by SIGTERM at epoch" in output and "Traceback" not in output, output[-3000:]
-    assert tuple(read_checkpoint(str(checkpoint))["next"]) < (2, 0)
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["epoch"] for r in read_log(tmp_path / "out")] == [0, 1]

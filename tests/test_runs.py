@@ -1,4 +1,6 @@
-"""runs.py: one run per output folder, and no false claims left by runs that died."""
+"""runs.py: one run per output folder, no false claims left by runs that died, files written whole, and a
+SIGTERM however it comes."""
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +13,7 @@ import torch
 
 import train
 from config import ConfigError
+from checkpoints import read_checkpoint
 from conftest import tiny_flags
 from data import make_shapes_dataset
 from runs import WriteError, claim_output_dir, save_atomically
@@ -64,13 +67,13 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path):
 
 def test_a_kill_at_any_instant_of_a_write_leaves_the_old_file_or_the_new_one(tmp_path):
     """A child process writes best.pth over and over (copy_atomically, as train.py keeps its best checkpoint)
-    and is killed with SIGKILL at many instants: every time, best.pth is a complete checkpoint."""
+    and is killed with SIGKILL at six instants: every time, best.pth is a complete checkpoint."""
     good = tmp_path / "checkpoint.pth"
     torch.save({"weights": torch.arange(2_000_000)}, good)
     writer = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; from runs import copy_atomically\n"
               f"print('writing', flush=True)\n"
               f"while True: copy_atomically(Path({str(good)!r}), Path({str(tmp_path / 'best.pth')!r}))")
-    for delay in [0.01 * k for k in range(12)]:
+    for delay in [0.02 * k for k in range(6)]:
         child = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "writing"
         time.sleep(delay)
@@ -96,3 +99,38 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, w
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert f"--output-dir {output_dir}: cannot write there" in err
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The child processes of `pid` (its DataLoader workers), from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the data workers through /proc (Linux)")
+@pytest.mark.parametrize("delivery", ["process group", "a data worker"])
+def test_a_sigterm_to_the_group_or_to_a_data_worker_stops_the_run_in_order(tmp_path, delivery):
+    """What SLURM's scancel, torchrun and `kill -- -PGID` do reaches the data workers too: the run still
+    finishes its step, writes its checkpoint and exits 128 + SIGTERM, and resumes from it."""
+    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=32, num_val=2, size=(64, 96))
+    command = [sys.executable, str(ROOT / "train.py"), "--data", str(shapes), "--output-dir", str(tmp_path / "out"),
+               *tiny_flags(), "--scale", "0.1", "--batch-size", "2", "--num-workers", "2", "--lr", "1e-3",
+               "--epochs", "1", "--checkpoint-minutes", "0.00001"]  # 16 iterations
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                           start_new_session=True)  # a process group of its own, as a batch job has
+    checkpoint = tmp_path / "out" / "checkpoint.pth"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (checkpoint.exists() and read_checkpoint(str(checkpoint))["next"] >= (0, 1)
+                                          and worker_pids(run.pid)):
+        time.sleep(0.2)
+    if delivery == "process group":
+        os.killpg(run.pid, signal.SIGTERM)
+    else:
+        os.kill(worker_pids(run.pid)[0], signal.SIGTERM)
+    output = run.communicate(timeout=240)[0]
+    assert run.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped by SIGTERM at epoch" in output and "Traceback" not in output, output[-3000:]
+    assert tuple(read_checkpoint(str(checkpoint))["next"]) < (1, 0)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()] == [0]
