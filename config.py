@@ -99,6 +99,11 @@ RULES = {  # field -> (valid?, what valid means); every other field takes any va
 }
 
 
+def flag(field: str) -> str:
+    """The train.py flag of a Config field: hidden_dim -> --hidden-dim."""
+    return "--" + field.replace("_", "-")
+
+
 def make_config(**overrides) -> Config:
     """Config with `overrides` applied, every value checked: an unknown name is a TypeError that lists the
     valid ones, a value of the wrong type or out of its range a ConfigError naming the flag."""
@@ -110,13 +115,13 @@ def make_config(**overrides) -> Config:
         kind = type(names[name].default)
         if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
                 or kind is float and isinstance(value, int) and not isinstance(value, bool)):
-            raise ConfigError(f"--{name.replace('_', '-')} takes a {kind.__name__}, got {value!r}")
+            raise ConfigError(f"{flag(name)} takes a {kind.__name__}, got {value!r}")
     cfg = Config(**overrides)
     if cfg.hidden_dim % max(cfg.nheads, 1):
         raise ConfigError(f"--hidden-dim ({cfg.hidden_dim}) must be divisible by --nheads ({cfg.nheads})")
     for name, (valid, meaning) in RULES.items():
         if not valid(getattr(cfg, name)):
-            raise ConfigError(f"--{name.replace('_', '-')} must be {meaning}, got {getattr(cfg, name)!r}")
+            raise ConfigError(f"{flag(name)} must be {meaning}, got {getattr(cfg, name)!r}")
     return cfg
 
 

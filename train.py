@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from checkpoints import load_pretrained, load_pretrained_backbone, pretrained_architecture, read_checkpoint
-from config import CHANGEABLE_ON_RESUME, MAX_CLASSES, Config, ConfigError, make_config
+from config import CHANGEABLE_ON_RESUME, MAX_CLASSES, Config, ConfigError, flag, make_config
 from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
 from eval import device_from_flag, evaluate, format_metrics, save_pictures
 from losses import Criterion
@@ -128,11 +128,6 @@ def minutes(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
-
-
-def flag(field: str) -> str:
-    """The train.py flag of a Config field."""
-    return "--" + field.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -479,10 +474,10 @@ def check_category_ids(*datasets: CocoDetection) -> int:
     return largest + 1
 
 
-def check_categories(cfg: Config, train_set: CocoDetection, val_set: CocoDetection, log) -> None:
-    """Before training: the class head holds every category id; the two files name each id alike; a warning
-    for validation categories that the training data never shows (the model cannot learn them: AP 0)."""
-    needed = check_category_ids(train_set, val_set)
+def check_categories(cfg: Config, needed: int, train_set: CocoDetection, val_set: CocoDetection, log) -> None:
+    """Before training: the class head holds every category id (`needed` classes, check_category_ids); the
+    two files name each id alike; a warning for validation categories that the training data never shows
+    (the model cannot learn them: AP 0)."""
     if cfg.num_classes < needed:
         raise ConfigError(f"--num-classes {cfg.num_classes} is too small for category id {needed - 1} of the data "
                           f"(category ids are the class indices): it must be at least {needed}")
@@ -523,9 +518,10 @@ def set_up(parser: argparse.ArgumentParser, args: argparse.Namespace, held: cont
     cfg = run_config(given, resumed, pretrained, args, log)
     train_set = CocoDetection(*train_paths, make_transforms(train=True, scale=cfg.scale), log)
     val_set = CocoDetection(*val_paths, make_transforms(train=False, scale=cfg.scale), log)
+    needed = check_category_ids(train_set, val_set)
     if "num_classes" not in given and resumed is None:
-        cfg = dataclasses.replace(cfg, num_classes=check_category_ids(train_set, val_set))
-    check_categories(cfg, train_set, val_set, log)
+        cfg = dataclasses.replace(cfg, num_classes=needed)
+    check_categories(cfg, needed, train_set, val_set, log)
     setup = Setup(cfg, device, output_dir, rank, world, distributed, train_set, val_set, log)
     return setup, resumed or pretrained
 
