@@ -79,6 +79,9 @@ def replace_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
         kept = f"; the previous {path.name} is kept" if path.exists() else ""
         raise WriteError(f"cannot write {path}: {e.strerror or e}{kept}") from None
+    except BaseException:  # the writer's own error (a video that stops decoding), Ctrl-C: no half file left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_atomically(obj, path: Path) -> None:

@@ -6,10 +6,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # bottom to top
     {"config", "precision", "cpu_memory", "image_io"},
-    {"msda_cuda", "onnx_detect"},
+    {"msda_cuda", "onnx_detect", "video"},
     {"backbone", "deformable_attn", "denoising", "matcher", "data", "runs"},
     {"model", "losses"},
-    {"checkpoints", "inference"},
+    {"checkpoints"},
+    {"inference"},
     {"eval", "export"},
     {"train"},
 ]
