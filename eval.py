@@ -3,6 +3,8 @@
     python eval.py CKPT [--data DIR | --val-images DIR --val-json FILE] [--output-dir DIR]
     python eval.py CKPT --data DIR --vis 8 --score-thr 0.3     # also save 8 pictures with detections
     python eval.py CKPT --image a.jpg photos/ "more/*.png"    # detections on any images: files, folders, globs
+    python eval.py CKPT --video in.mp4 --output out.mp4       # every frame's detections drawn (PyAV)
+    python eval.py CKPT --image huge.jpg --slice 640          # sliced inference (SAHI): small objects in large images
 
 Prints the COCO box metrics (AP, AP50, AP75, APs, APm, APl and AP per class) and writes them to
 OUTPUT_DIR/metrics.json. CKPT is one of ours (train.py) or an official DINO-4scale release
@@ -14,33 +16,24 @@ import functools
 import io
 import json
 import time
-import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
-from torch import Tensor
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import model_from_checkpoint
 from config import Config, ConfigError
 from cpu_memory import heap_kept
-from data import CocoDetection, DataError, collate, eval_canvas, make_transforms, read_image, split_paths
-from image_io import image_files
-from inference import output_agreement
+from data import CocoDetection, DataError, collate, make_transforms, read_image, split_paths
+from inference import Detector, check_options, image_sources, merge_detections
 from model import TooFewTokens, postprocess
 from precision import amp_autocast, at_least_float32
 from runs import replace_atomically, writable, write_atomically
+from video import VideoReader, VideoWriter
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def compile_model(model: torch.nn.Module, mode: str | None = None):
-    """The model under torch.compile, for inference at fixed image sizes: one graph per input shape, with
-    no graph breaks and no reads back to the host inside (the deformable attention is one opaque operator,
-    msda_cuda). mode "reduce-overhead" adds CUDA graphs (GPUs)."""
-    return torch.compile(model, dynamic=False, mode=mode)
 
 
 def device_from_flag(name: str) -> torch.device:
@@ -56,34 +49,6 @@ def device_from_flag(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} GPU(s)")
     return device
-
-
-class CompiledModel(torch.nn.Module):
-    """`model` through compile_model, for inference; its first batch also runs eagerly, and if fewer than
-    `min_agreement` of the eager detections come out of the compiled run too (inference.output_agreement), it
-    warns and runs eagerly from then on: a compiler bug never silently changes the detections."""
-
-    def __init__(self, model: torch.nn.Module, mode: str | None = None, min_agreement: float = 0.95):
-        super().__init__()
-        self.model, self.min_agreement = model, min_agreement
-        self.compiled = compile_model(model, mode)
-        self.checked = self.fell_back = False
-
-    def forward(self, images: Tensor, mask: Tensor) -> dict:
-        if self.fell_back:
-            return self.model(images, mask)
-        outputs = self.compiled(images, mask)
-        if not self.checked:
-            self.checked = True
-            reference = self.model(images, mask)
-            agreement, score_gap, _ = output_agreement(outputs, reference)
-            if agreement < self.min_agreement:
-                warnings.warn(f"--compile: the compiled model found {100 * agreement:.0f}% of the eager model's "
-                              f"100 best detections on the first batch (largest score difference "
-                              f"{score_gap:.1e}); running eagerly instead")
-                self.fell_back = True
-                return reference
-        return outputs
 
 
 def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict:
@@ -175,9 +140,25 @@ def predict(model: torch.nn.Module, loader, device: torch.device, num_select: in
     return results, image_ids
 
 
-# --- pictures, command line ---------------------------------------------------------------
+def predict_sliced(detector: Detector, dataset: CocoDetection, size: int, overlap: float,
+                   score_thr: float) -> tuple[list[dict], list[dict], list[int]]:
+    """COCO results of SAHI's sliced inference on every image of the dataset, and of the whole image alone
+    (its first pass), both with the detections under score_thr dropped; and the image ids."""
+    sliced, whole = [], []
+    start = last_print = time.time()
+    for i, image_id in enumerate(dataset.ids):
+        if time.time() - last_print > 10:
+            last_print = time.time()
+            print(f"evaluating [{i}/{len(dataset)}], {(len(dataset) - i) * (last_print - start) / i:.0f} s left", flush=True)
+        info = dataset.coco.imgs[image_id]
+        image = read_image(dataset.image_dir / info["file_name"], (info["width"], info["height"]) if "width" in info else None)
+        passes = detector.tiles(TF.pil_to_tensor(image), size, overlap, score_thr)
+        sliced += [r for r in merge_detections(passes).to_coco(image_id) if r["category_id"] in dataset.coco.cats]
+        whole += [r for r in passes[0].to_coco(image_id) if r["category_id"] in dataset.coco.cats]
+    return sliced, whole, list(dataset.ids)
 
-LABEL_COLOUR = (220, 30, 30)
+
+# --- pictures, video, command line ---------------------------------------------------------------------
 
 def picture_names(paths: list[str]) -> list[str]:
     """A distinct file name stem for each input image: its own stem, or where two share one (a/img.jpg and
@@ -187,54 +168,115 @@ def picture_names(paths: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
-def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], score_thr: float) -> Image.Image:
-    """image (3, H, W) uint8; detection from postprocess in the image's pixels. The boxes and their labels
-    scale with the image, so that a 4000-pixel picture reads as a 400-pixel one does."""
-    picture = TF.to_pil_image(image)
-    draw = ImageDraw.Draw(picture)
-    side = max(picture.size)
-    width, font = max(1, round(side / 300)), ImageFont.load_default(size=max(10, round(side / 40)))
-    keep = (detection["scores"] >= score_thr).nonzero().flatten().tolist()
-    for i in reversed(keep):  # the best drawn last, on top
-        box = detection["boxes"][i].tolist()
-        text = f"{categories.get(int(detection['labels'][i]), int(detection['labels'][i]))} {float(detection['scores'][i]):.2f}"
-        draw.rectangle(box, outline=LABEL_COLOUR, width=width)
-        x1, y1, x2, y2 = draw.textbbox((box[0], box[1]), text, font=font)
-        top = box[1] - (y2 - y1) - 2 * width if box[1] - (y2 - y1) - 2 * width >= 0 else box[1]  # above, if it fits
-        draw.rectangle([x1, top, x2 + 2 * width, top + (y2 - y1) + 2 * width], fill=LABEL_COLOUR)
-        draw.text((box[0] + width, top + width - (y1 - box[1])), text, fill="white", font=font)
-    return picture
+def save_pictures(detector: Detector, dataset: CocoDetection, count: int, score_thr: float, folder: Path) -> list[Path]:
+    """Draw the detections on the first `count` images of the dataset, in their original pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    infos = [dataset.coco.imgs[image_id] for image_id in dataset.ids[:count]]
+    saved = []
+    for info, stem in zip(infos, picture_names([info["file_name"] for info in infos])):  # a/x.jpg, b/x.jpg: 2 files
+        image = read_image(dataset.image_dir / info["file_name"], (info["width"], info["height"]) if "width" in info else None)
+        saved.append(folder / f"{stem}.png")
+        save_picture(detector(TF.pil_to_tensor(image), score_thr).draw(), saved[-1])
+    return saved
 
 
-@torch.no_grad()
-def detect_images(model: torch.nn.Module, cfg: Config, images: list[Tensor], device: torch.device, amp: bool = False,
-           canvas: tuple[int, int] | None = None) -> list[dict]:
-    """Detections on uint8 images (3, H, W), one at a time, in each image's own pixels; each image padded
-    to `canvas` (data.collate) if given."""
-    transform = make_transforms(train=False, scale=cfg.scale)
-    model.eval()
-    detections = []
-    for image in images:
-        batch, mask, _ = collate([(transform(image), None)], canvas)
-        with amp_autocast(device, amp), heap_kept(device):
-            out = model(batch.to(device), mask.to(device))
-        out = {k: at_least_float32(out[k]) for k in ("pred_logits", "pred_boxes")}
-        detected = postprocess(out, [image.shape[1:]], cfg.num_select, clip=True)[0]  # boxes inside the image
-        detections.append({k: v.cpu() for k, v in detected.items()})
-    return detections
+def save_picture(picture: Image.Image, path: Path) -> None:
+    replace_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def detect_files(detector: Detector, args: argparse.Namespace, output_dir: Path, results_path: Path | None):
+    """--image: each image's detections printed and drawn in OUTPUT_DIR/NAME_detections.png; with
+    --save-results, one JSON line per image."""
+    sources = image_sources(args.image, "--image")[0]
+    names = picture_names([source.name for source in sources])
+    lines = []
+    for name, found in zip(names, detector.detect_sources(sources, args.score_thr, args.slice, args.overlap, args.batch_size)):
+        print(f"{found.source}: {len(found)} detections with score >= {args.score_thr}")
+        for score, label, box in zip(found.scores.tolist(), found.names, found.boxes.tolist()):
+            print(f"  {label}  {score:.3f}  x1y1x2y2 {[round(v, 1) for v in box]}")
+        out = output_dir / f"{name}_detections.png"
+        save_picture(found.draw(), out)
+        print(f"  drawn in {out}")
+        H, W = found.image.shape[1:]
+        lines.append(json.dumps({"image": found.source, "height": H, "width": W, **found.to_dict()}))
+    if results_path is not None:
+        write_atomically(results_path, "".join(line + "\n" for line in lines))
+        print(f"wrote the detections of {len(lines)} images to {results_path}")
+
+
+def detect_video(detector: Detector, args: argparse.Namespace, output: Path, results_path: Path | None):
+    """--video: the video with the detections drawn into `output`, a progress line with frames per second;
+    with --save-results, one JSON line per frame."""
+    with VideoReader(args.video) as reader:
+        fps, total = reader.fps, reader.frames
+    lines, start, last_print = [], time.time(), time.time()
+
+    def write(tmp: Path):
+        nonlocal last_print
+        with VideoWriter(tmp, fps, output.suffix) as writer:
+            for index, found in detector.video(args.video, args.score_thr, args.slice, args.overlap):
+                writer.write(np.asarray(found.draw()))
+                lines.append(json.dumps({"frame": index, "time": round(index / fps, 3), **found.to_dict()}))
+                if time.time() - last_print > 5:
+                    last_print = time.time()
+                    print(f"frame {index + 1}/{total or '?'}: {(index + 1) / (last_print - start):.2f} frames/s", flush=True)
+
+    replace_atomically(output, write)
+    print(f"{len(lines)} frames in {time.time() - start:.1f} s ({len(lines) / (time.time() - start):.2f} frames/s); "
+          f"wrote {output}")
+    if results_path is not None:
+        write_atomically(results_path, "".join(line + "\n" for line in lines))
+        print(f"wrote the detections of {len(lines)} frames to {results_path}")
+
+
+def evaluate_data(detector: Detector, args: argparse.Namespace, paths: tuple[Path, Path], output_dir: Path,
+                  results_path: Path | None):
+    """--data (or --val-images, --val-json): COCO metrics printed and written to OUTPUT_DIR/metrics.json;
+    with --slice, those of sliced inference and of the whole image alone, both at --score-thr."""
+    cfg = detector.cfg
+    dataset = CocoDetection(*paths, make_transforms(train=False, scale=cfg.scale))
+    if args.slice:
+        results, whole, image_ids = predict_sliced(detector, dataset, args.slice, args.overlap, args.score_thr)
+        whole_metrics = coco_metrics(dataset.coco, whole, image_ids)
+        print(f"whole images alone, detections with score >= {args.score_thr}:\n{format_metrics(whole_metrics)}\n"
+              f"sliced ({args.slice}x{args.slice} tiles, overlap {args.overlap}, and the whole image), merged:")
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                             collate_fn=functools.partial(collate, canvas=detector.canvas))
+        results, image_ids = predict(detector.model, loader, detector.device, cfg.num_select, args.amp)
+    metrics = coco_metrics(dataset.coco, results, image_ids)
+    print(format_metrics(metrics))
+    if args.slice:
+        metrics["whole_image"] = whole_metrics
+    write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    print(f"wrote {output_dir / 'metrics.json'}")
+    if results_path is not None:  # (an absolute FILE replaces output_dir)
+        write_atomically(results_path, json.dumps(results))
+        print(f"wrote {len(results)} detections of {len(image_ids)} images to {results_path}")
+    if args.vis:
+        save_pictures(detector, dataset, args.vis, args.score_thr, output_dir / "vis")
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description="Evaluate a DINO checkpoint (ours or official) with pycocotools.")
+    parser = argparse.ArgumentParser(description="Evaluate a DINO checkpoint (ours or official) with pycocotools, "
+                                                 "or run it on images and videos.")
     parser.add_argument("checkpoint")
     parser.add_argument("--data", help="COCO-layout folder (val2017/, annotations/instances_val2017.json)")
     parser.add_argument("--val-images", help="image folder, with --val-json, for any other layout")
     parser.add_argument("--val-json", help="COCO-format annotation file of --val-images")
     parser.add_argument("--image", nargs="+", default=[], metavar="FILE",
                         help="run on these images instead: files, folders, glob patterns ('photos/**/*.jpg')")
+    parser.add_argument("--video", metavar="FILE", help="run on a video (needs PyAV: pip install av)")
+    parser.add_argument("--output", metavar="FILE", help="--video: the video with the detections drawn "
+                                                          "(default OUTPUT_DIR/NAME_detections.mp4)")
+    parser.add_argument("--slice", type=int, metavar="SIZE", help="sliced inference (SAHI) for large images with "
+                        "small objects: SIZE x SIZE tiles plus the whole image, merged; with --data, detections "
+                        "under --score-thr are dropped, and the whole image's AP alone is printed beside")
+    parser.add_argument("--overlap", type=float, default=0.2, help="--slice: tiles overlap by this share of SIZE")
     parser.add_argument("--save-results", metavar="FILE",
-                        help="also write the detections as COCO results JSON (what the COCO test-dev server takes), "
-                             "in --output-dir unless FILE is absolute")
+                        help="also write the detections: COCO results JSON with --data (what the COCO test-dev "
+                             "server takes), JSON lines with --image (one per image) and --video (one per "
+                             "frame); in --output-dir unless FILE is absolute")
     parser.add_argument("--output-dir", default="eval_output")
     parser.add_argument("--vis", type=int, default=0, metavar="N", help="save N validation images with detections")
     parser.add_argument("--score-thr", type=float, default=0.3, help="score threshold of the drawn detections")
@@ -255,69 +297,30 @@ def main(argv: list[str] | None = None):
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
     device = device_from_flag(args.device)
+    check_options(args.score_thr, args.slice, args.overlap, args.batch_size)
+    if args.image and args.video:
+        parser.error("give --image or --video, not both")
+    if args.output and not args.video:
+        parser.error("--output is --video's output video")
+    paths = None if args.image or args.video else split_paths("val", args.data, args.val_images, args.val_json)
+    if paths is None and not (args.image or args.video):
+        parser.error("give --data DIR, or --val-images and --val-json, or --image FILE..., or --video FILE")
     output_dir = Path(args.output_dir)
     writable(output_dir / "metrics.json", "--output-dir")
     results_path = writable(output_dir / args.save_results, "--save-results") if args.save_results else None
-    overrides = {"scale": args.scale} if args.scale is not None else {}
-    model, cfg, categories = model_from_checkpoint(args.checkpoint, **overrides)
-    model.to(device).eval()
-    canvas = eval_canvas(cfg.scale) if args.compile else None
+    if args.video:
+        video_out = writable(Path(args.output or output_dir / f"{Path(args.video).stem}_detections.mp4"), "--output")
+        VideoWriter.check_suffix(video_out.suffix, "--output")
+    detector = Detector.load(args.checkpoint, device, args.amp, args.compile,
+                             **({"scale": args.scale} if args.scale is not None else {}))
     if args.compile:
         torch._logging.set_logs(recompiles=True)  # say which frame recompiles, and why
-        model = CompiledModel(model, mode="reduce-overhead" if device.type == "cuda" else None)  # + CUDA graphs
-
     if args.image:
-        files = image_files(args.image)
-        images = [TF.pil_to_tensor(read_image(path, None)) for path in files]
-        detections = detect_images(model, cfg, images, device, args.amp, canvas)
-        for path, name, image, det in zip(files, picture_names([str(f) for f in files]), images, detections):
-            keep = det["scores"] >= args.score_thr
-            print(f"{path}: {int(keep.sum())} detections with score >= {args.score_thr}")
-            for s, l, b in zip(det["scores"][keep], det["labels"][keep], det["boxes"][keep]):
-                print(f"  {categories.get(int(l), int(l))}  {float(s):.3f}  x1y1x2y2 {[round(v, 1) for v in b.tolist()]}")
-            out = output_dir / f"{name}_detections.png"
-            save_picture(draw_detections(image, det, categories, args.score_thr), out)
-            print(f"  drawn in {out}")
-        return
-
-    paths = split_paths("val", args.data, args.val_images, args.val_json)
-    if paths is None:
-        parser.error("give --data DIR, or --val-images and --val-json, or --image FILE...")
-    images_dir, ann_file = paths
-    dataset = CocoDetection(images_dir, ann_file, make_transforms(train=False, scale=cfg.scale))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=functools.partial(collate, canvas=canvas))
-    results, image_ids = predict(model, loader, device, cfg.num_select, args.amp)
-    metrics = coco_metrics(dataset.coco, results, image_ids)
-    print(format_metrics(metrics))
-    write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
-    print(f"wrote {output_dir / 'metrics.json'}")
-    if results_path is not None:  # (an absolute FILE replaces output_dir)
-        write_atomically(results_path, json.dumps(results))
-        print(f"wrote {len(results)} detections of {len(image_ids)} images to {results_path}")
-    if args.vis:
-        save_pictures(model, cfg, dataset, args.vis, args.score_thr, output_dir / "vis", device, args.amp, canvas)
-
-
-def save_pictures(model: torch.nn.Module, cfg: Config, dataset: CocoDetection, count: int, score_thr: float,
-                  folder: Path, device: torch.device, amp: bool = False,
-                  canvas: tuple[int, int] | None = None) -> list[Path]:
-    """Draw the detections on the first `count` images of the dataset, in their original pixels."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = {c: dataset.coco.cats[c]["name"] for c in dataset.coco.cats}
-    infos = [dataset.coco.imgs[image_id] for image_id in dataset.ids[:count]]
-    saved = []
-    for info, stem in zip(infos, picture_names([info["file_name"] for info in infos])):  # a/x.jpg, b/x.jpg: 2 files
-        path = dataset.image_dir / info["file_name"]
-        image = TF.pil_to_tensor(read_image(path, (info["width"], info["height"]) if "width" in info else None))
-        saved.append(folder / f"{stem}.png")
-        picture = draw_detections(image, detect_images(model, cfg, [image], device, amp, canvas)[0], names, score_thr)
-        save_picture(picture, saved[-1])
-    return saved
-
-
-def save_picture(picture: Image.Image, path: Path) -> None:
-    replace_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
+        detect_files(detector, args, output_dir, results_path)
+    elif args.video:
+        detect_video(detector, args, video_out, results_path)
+    else:
+        evaluate_data(detector, args, paths, output_dir, results_path)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ images scaled to 8 bits (PIL's convert would clip them to white), and a file tha
 one line.
 """
 import glob
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +66,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 def image_files(items: list[str], flag: str = "--image") -> list[Path]:
     """Files, folders (their images, sorted) and glob patterns (`photos/**/*.jpg`) -> image files, in order;
-    a DataError names an item that gives none."""
+    a DataError names an item that gives none, a warning the files of a folder left out (not images by
+    their names: IMAGE_SUFFIXES). A file named as an image that is none is read_image's error."""
     files = []
     for item in items:
         if any(c in item for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
         elif Path(item).is_dir():
-            found = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            entries = sorted(p for p in Path(item).iterdir() if p.is_file() and not p.name.startswith("."))
+            found = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+            if len(found) < len(entries):
+                left_out = [p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
+                warnings.warn(f"{flag} {item}: left out {len(left_out)} file(s) that are not images by their names: "
+                              f"{', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''}", stacklevel=2)
         else:
             found = [Path(item)]
         if not found:

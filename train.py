@@ -40,6 +40,7 @@ from checkpoints import load_pretrained, load_pretrained_backbone, pretrained_ar
 from config import CHANGEABLE_ON_RESUME, MAX_CLASSES, Config, ConfigError, flag, make_config
 from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
 from eval import device_from_flag, evaluate, format_metrics, save_pictures
+from inference import Detector
 from losses import Criterion
 from model import DINO, TooFewTokens, build_dino
 from precision import amp_autocast, amp_dtype
@@ -584,8 +585,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def demo_pictures(setup: Setup, state: TrainState, metrics: dict) -> None:
     evaluated = state.ema.module if state.ema is not None else state.model
-    saved = save_pictures(evaluated, setup.cfg, setup.val_set, 8, 0.3, setup.output_dir / "vis", setup.device,
-                          setup.cfg.amp)
+    names = {c: setup.val_set.coco.cats[c]["name"] for c in setup.val_set.coco.cats}
+    detector = Detector(evaluated, setup.cfg, names, setup.device, setup.cfg.amp)
+    saved = save_pictures(detector, setup.val_set, 8, 0.3, setup.output_dir / "vis")
     setup.log(f"demo: AP50 {metrics.get('AP50', 0.0):.3f}, AP {metrics.get('AP', 0.0):.3f} on the generated "
               f"validation split; pictures of the detections in {saved[0].parent}")
 

@@ -6,7 +6,7 @@ from the reference at every stage: the multi-scale features (after input_proj) a
 memory as ||a - b|| / ||b||, the encoder's selected detections ("interm") and each decoder layer's as
 inference.output_agreement (the share of the reference's 100 best detections it also finds). A float64
 run says how far the reference itself is from exact; the compiled runs compile the whole model
-(eval.compile_model) or one part at a time, so that a departure can be pinned to the backbone, the
+(inference.compile_model) or one part at a time, so that a departure can be pinned to the backbone, the
 encoder, the decoder or the code between them (what none of the parts holds: that is how the
 proposals' border test, which a compiler's approximate division moved, was found on an H100).
 """
@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from eval import compile_model
+from inference import compile_model
 from inference import output_agreement
 from train_step import batch, build_on
 

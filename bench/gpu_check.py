@@ -10,7 +10,7 @@ to fail without stopping the others:
   3. the kernel against the reference and its bandwidth floor at DINO-4scale shapes (bench/msda.py);
   4. training steps (bench/train_step.py): Swin-L at 1.5x scale, batch 2 and batch 1, and R50 batch 2,
      peak memory and images/s with each memory option;
-  5. R50 800x1333 inference FPS, batch 1: fp32, bf16, and bf16 through eval.compile_model;
+  5. R50 800x1333 inference FPS, batch 1: fp32, bf16, and bf16 through inference.compile_model;
   6. where the GPU's detections depart from the CPU's, stage by stage, eager and compiled
      (bench/gpu_agreement.py).
 It needs torch, torchvision, numpy, scipy and ninja (pytest for step 2), never pycocotools. The table is

@@ -11,7 +11,7 @@ float32, then bf16 autocast, then adding activation checkpointing of the backbon
 the decoder one at a time. It prints iterations/s, images/s and peak memory
 (torch.cuda.max_memory_allocated). --inference times the whole detector, image tensor on the device
 to post-processed boxes on the host, batch 1, in float32 and under eval.py's --amp autocast (bf16;
-fp16 on GPUs without bf16), eager and, with --compile, through eval.compile_model.
+fp16 on GPUs without bf16), eager and, with --compile, through inference.compile_model.
 """
 import argparse
 import dataclasses
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import make_config, parse_overrides  # noqa: E402
-from eval import compile_model  # noqa: E402
+from inference import compile_model  # noqa: E402
 from losses import Criterion  # noqa: E402
 from model import build_dino, postprocess  # noqa: E402
 from precision import amp_autocast, amp_dtype, at_least_float32  # noqa: E402
@@ -118,7 +118,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--inference", action="store_true", help="time inference instead (fp32 and bf16)")
-    parser.add_argument("--compile", action="store_true", help="with --inference: also through eval.compile_model")
+    parser.add_argument("--compile", action="store_true", help="with --inference: also through inference.compile_model")
     parser.add_argument("--only", help="run only the configuration with this name (e.g. 'bf16 + all ckpt')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",

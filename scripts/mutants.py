@@ -130,6 +130,22 @@ MUTANTS = [
       "size = torch.stack([h, w, h, w], 1)[:, None]", ("tests/test_model.py",)),
     M("postprocess: softmax scores", "model.py", "scores, index = logits.sigmoid().reshape",
       "scores, index = logits.softmax(-1).reshape", ("tests/test_model.py",)),
+    # --- sliced inference (SAHI, arXiv 2202.06934) ------------------------------------------------------------
+    M("slicing: tile offsets (y, x)", "inference.py", "torch.tensor([x1, y1, x1, y1]", "torch.tensor([y1, x1, y1, x1]",
+      ("tests/test_inference.py",)),
+    M("slicing: tile boxes left in the tile's pixels", "inference.py", "tile.boxes = tile.boxes + torch.tensor",
+      "tile.boxes = tile.boxes + 0 * torch.tensor", ("tests/test_inference.py",)),
+    M("slicing: no whole-image pass", "inference.py", "found = [self.named(self.run([image])[0], image, source, score_thr)]",
+      "found = [self.named(self.run([image])[0], image, source, 2.0)]", ("tests/test_inference.py",)),
+    M("slicing: the last tile does not reach the edge", "inference.py", "size - overlap)) + [length - size]",
+      "size - overlap))", ("tests/test_inference.py",)),
+    M("slicing: merged over the larger box (IoU-like)", "inference.py", "inter / torch.minimum(area[:, None], area[None])",
+      "inter / torch.maximum(area[:, None], area[None])", ("tests/test_inference.py",)),
+    M("slicing: the kept box does not grow to the union", "inference.py",
+      "kept_boxes.append(torch.cat([b[group, :2].amin(0), b[group, 2:].amax(0)]))", "kept_boxes.append(b[i])",
+      ("tests/test_inference.py",)),
+    M("slicing: classes merged together", "inference.py", "index = (labels == label).nonzero().flatten()",
+      "index = (labels == labels).nonzero().flatten()", ("tests/test_inference.py",)),
 ]
 
 

@@ -1,9 +1,9 @@
-"""Compiled inference (eval.CompiledModel, `eval.py --compile`) gives the eager model's detections, on the
+"""Compiled inference (inference.CompiledModel, `eval.py --compile`) gives the eager model's detections, on the
 CPU and, with `pytest -m cuda`, on a GPU; a compiled model that disagrees is caught on the first batch."""
 import pytest
 import torch
 
-import eval as evaluation
+import inference
 from conftest import tiny_dino
 from data import collate, eval_canvas
 from inference import output_agreement
@@ -27,7 +27,7 @@ def test_compiled_inference_gives_the_eager_detections(device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 on both paths of a GPU
     model = tiny_dino().to(device).eval()
     images, mask = two_images(device)
-    compiled = evaluation.CompiledModel(model)
+    compiled = inference.CompiledModel(model)
     with torch.inference_mode():
         got = compiled(images, mask)
         again = compiled(images, mask)
@@ -47,10 +47,10 @@ def test_a_compiled_model_that_disagrees_is_replaced_by_the_eager_one(monkeypatc
             out = model(images, mask)
             return {**out, "pred_boxes": (out["pred_boxes"] + 0.05).clamp(0, 1)}
         return run
-    monkeypatch.setattr(evaluation, "compile_model", miscompiled)
+    monkeypatch.setattr(inference, "compile_model", miscompiled)
     model = tiny_dino().eval()
     images, mask = two_images("cpu")
-    compiled = evaluation.CompiledModel(model)
+    compiled = inference.CompiledModel(model)
     with torch.inference_mode():
         with pytest.warns(UserWarning, match="found 0% of the eager model's 100 best detections"):
             first = compiled(images, mask)

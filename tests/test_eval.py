@@ -100,7 +100,8 @@ def test_image_arguments_take_files_folders_and_globs(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.jpg").write_bytes(b"")
-    assert image_files([str(tmp_path)]) == [tmp_path / "a.png", tmp_path / "b.jpg"]
+    with pytest.warns(UserWarning, match=r"left out 1 file\(s\) that are not images by their names: notes.txt$"):
+        assert image_files([str(tmp_path)]) == [tmp_path / "a.png", tmp_path / "b.jpg"]
     assert image_files([str(tmp_path / "**" / "*.jpg")]) == [tmp_path / "b.jpg", tmp_path / "sub" / "c.jpg"]
     assert image_files([str(tmp_path / "notes.txt")]) == [tmp_path / "notes.txt"]  # a file is taken as given
     with pytest.raises(DataError, match=r"--image .*\*.gif: no image files"):
@@ -109,7 +110,7 @@ def test_image_arguments_take_files_folders_and_globs(tmp_path):
 
 def test_labels_scale_with_the_picture():
     """The label of a box covers the same share of a 4000-pixel picture as of a 400-pixel one."""
-    from eval import LABEL_COLOUR, draw_detections
+    from inference import LABEL_COLOUR, draw_detections
     shares = []
     for side in (400, 4000):
         image = torch.full((3, side, side), 128, dtype=torch.uint8)
