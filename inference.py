@@ -12,7 +12,7 @@ boxes mapped back and merged per class. eval.py, export.py and train.py draw, co
 through this file.
 """
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -103,7 +103,7 @@ def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], 
 
 class Source(NamedTuple):
     name: str  # the file, or what the image was given as
-    read: object  # () -> (3, H, W) uint8 tensor
+    read: Callable[[], Tensor]  # -> (3, H, W) uint8
 
 
 def image_sources(x, where: str = "input") -> tuple[list[Source], bool]:
@@ -159,15 +159,12 @@ def merge_detections(found: list[Detections], min_ios: float = 0.5) -> Detection
     for label in labels.unique().tolist():
         index = (labels == label).nonzero().flatten()
         index = index[scores[index].argsort(descending=True, stable=True)]
-        b = boxes[index]
-        lt, rb = torch.maximum(b[:, None, :2], b[None, :, :2]), torch.minimum(b[:, None, 2:], b[None, :, 2:])
-        inter = (rb - lt).clamp(min=0).prod(-1)
+        b, left = boxes[index], torch.ones(len(index), dtype=torch.bool)
         area = box_area(b).clamp(min=1e-9)
-        inside = inter / torch.minimum(area[:, None], area[None]) >= min_ios
-        left = torch.ones(len(index), dtype=torch.bool)
-        for i in range(len(index)):
+        for i in range(len(index)):  # a row at a time: thousands of tiles' detections need no N x N matrix
             if left[i]:
-                group = inside[i] & left
+                inter = (torch.minimum(b[i, 2:], b[:, 2:]) - torch.maximum(b[i, :2], b[:, :2])).clamp(min=0).prod(-1)
+                group = left & (inter / torch.minimum(area[i], area) >= min_ios)
                 left &= ~group
                 kept.append(int(index[i]))
                 kept_boxes.append(torch.cat([b[group, :2].amin(0), b[group, 2:].amax(0)]))
