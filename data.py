@@ -11,7 +11,9 @@ largest id + 1 and predictions map straight back), boxes are (cx, cy, w, h) norm
 augmented image's size; crowd annotations are left out of the training targets, boxes are clipped
 to the image and empty ones dropped. Images without annotations are kept.
 """
+import argparse
 import contextlib
+import copy
 import io
 import json
 import math
@@ -26,7 +28,10 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from config import ConfigError
 from image_io import DataError, read_image, stored_image_size
+from layouts import Converted, converted
+from runs import write_atomically
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -45,14 +50,18 @@ def _listed(problems: list[str]) -> str:
     return "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
 
 
-def read_coco_json(ann_file: Path) -> dict:
-    """The parsed annotation file, with its three lists and unique integer ids checked."""
-    try:
-        data = json.loads(ann_file.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{ann_file}: not valid JSON: {e}") from None
+def read_coco_json(ann_file: Path | Converted) -> dict:
+    """The parsed annotation file (or a YOLO or VOC split, converted), with its three lists and unique integer
+    ids checked."""
+    if isinstance(ann_file, Converted):
+        data = copy.deepcopy(ann_file.data)  # the repairs below change the dicts they are given
+    else:
+        try:
+            data = json.loads(ann_file.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{ann_file}: not valid JSON: {e}") from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"{ann_file}: no list '{key}' (not a COCO-format annotation file)")
@@ -119,7 +128,7 @@ def checked_annotations(data: dict, images: dict[int, dict], ann_file: Path, log
     return kept
 
 
-def load_coco(ann_file: str | Path, image_dir: str | Path | None = None, log=print):
+def load_coco(ann_file: str | Path | Converted, image_dir: str | Path | None = None, log=print):
     """pycocotools' COCO index of `ann_file`, checked and repaired first, so that training and evaluation
     read the same, right annotations or stop before any work.
 
@@ -134,7 +143,7 @@ def load_coco(ann_file: str | Path, image_dir: str | Path | None = None, log=pri
     # imported here, as in eval.coco_metrics: the model, the training step and the benchmarks import this
     # module but read no annotation files (GPU machines without pycocotools run them)
     from pycocotools.coco import COCO
-    ann_file = Path(ann_file)
+    ann_file = ann_file if isinstance(ann_file, Converted) else Path(ann_file)
     data = read_coco_json(ann_file)
     images = {img["id"]: img for img in data["images"]}
     if image_dir is not None:
@@ -193,8 +202,9 @@ class CocoDetection(torch.utils.data.Dataset):
     "orig_size" and "size", (height, width) before and after augmentation.
     """
 
-    def __init__(self, image_dir: str | Path, ann_file: str | Path, transforms: v2.Transform, log=print):
-        self.image_dir, self.ann_file, self.transforms = Path(image_dir), Path(ann_file), transforms
+    def __init__(self, image_dir: str | Path, ann_file: str | Path | Converted, transforms: v2.Transform, log=print):
+        ann_file = ann_file if isinstance(ann_file, Converted) else Path(ann_file)
+        self.image_dir, self.ann_file, self.transforms = Path(image_dir), ann_file, transforms
         self.coco = load_coco(ann_file, image_dir, log)
         self.ids = sorted(self.coco.imgs)
         missing = [self.coco.imgs[i]["file_name"] for i in self.ids
@@ -364,11 +374,37 @@ def coco_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
     return data_dir / f"{split}2017", data_dir / "annotations" / f"instances_{split}2017.json"
 
 
-def split_paths(split: str, data_dir: str | None, images: str | None, ann_file: str | None) -> tuple[Path, Path] | None:
-    """(image folder, annotation file) of `split`: from a COCO-layout folder (--data), else from
-    --{split}-images and --{split}-json; None when neither is given."""
+def split_paths(split: str, data_dir: str | None, images: str | None,
+                ann_file: str | None) -> tuple[Path, Path | Converted] | None:
+    """(image folder, annotation file) of `split`: from a dataset folder (--data: COCO layout, or YOLO or VOC,
+    read into COCO's format: layouts.py), else from --{split}-images and --{split}-json; None when neither
+    is given."""
     if data_dir:
-        return coco_paths(data_dir, split)
+        if not Path(data_dir).exists():
+            raise FileNotFoundError(f"--data {data_dir} does not exist")
+        return converted(Path(data_dir), split) or coco_paths(data_dir, split)
     if images and ann_file:
         return Path(images), Path(ann_file)
     return None
+
+
+def main(argv: list[str] | None = None):
+    """python data.py DIR --to-coco OUT.json [--split val]: a dataset in any layout --data reads, checked and
+    repaired as training reads it, written as one COCO annotation file."""
+    parser = argparse.ArgumentParser(description="Write a COCO, YOLO or VOC dataset's split as a COCO annotation file.")
+    parser.add_argument("data", help="dataset folder (COCO, YOLO or Pascal VOC layout) or YOLO .yaml file")
+    parser.add_argument("--to-coco", required=True, metavar="OUT.json")
+    parser.add_argument("--split", choices=("train", "val"), default="train")
+    args = parser.parse_args(argv)
+    try:
+        image_dir, ann_file = split_paths(args.split, args.data, None, None)
+        coco = load_coco(ann_file, image_dir)
+        write_atomically(Path(args.to_coco), json.dumps(coco.dataset))
+    except (DataError, FileNotFoundError, ConfigError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    print(f"wrote {args.to_coco}: {len(coco.imgs)} images, {len(coco.anns)} boxes, {len(coco.cats)} categories "
+          f"(file names relative to {image_dir})")
+
+
+if __name__ == "__main__":
+    main()

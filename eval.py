@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description="Evaluate a DINO checkpoint (ours or official) with pycocotools, "
                                                  "or run it on images and videos.")
     parser.add_argument("checkpoint")
-    parser.add_argument("--data", help="COCO-layout folder (val2017/, annotations/instances_val2017.json)")
+    parser.add_argument("--data", help="dataset folder: COCO (val2017/, annotations/instances_val2017.json), YOLO "
+                        "(data.yaml, or the .yaml file) or Pascal VOC (Annotations/, JPEGImages/, ImageSets/Main/val.txt)")
     parser.add_argument("--val-images", help="image folder, with --val-json, for any other layout")
     parser.add_argument("--val-json", help="COCO-format annotation file of --val-images")
     parser.add_argument("--image", nargs="+", default=[], metavar="FILE",

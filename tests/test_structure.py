@@ -6,8 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # bottom to top
     {"config", "precision", "cpu_memory", "image_io"},
-    {"msda_cuda", "onnx_detect", "video"},
-    {"backbone", "deformable_attn", "denoising", "matcher", "data", "runs"},
+    {"msda_cuda", "onnx_detect", "video", "runs", "layouts"},
+    {"backbone", "deformable_attn", "denoising", "matcher", "data"},
     {"model", "losses"},
     {"checkpoints"},
     {"inference"},
