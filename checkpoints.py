@@ -5,7 +5,7 @@ names inside checkpoint0011_4scale.pth and its Swin-L sibling; `reference/` list
 of the official Swin classification checkpoint that the Swin-L backbone starts from. Our own
 checkpoints (train.py, written by runs.TrainState.save) hold {"model", "ema", "optimizer",
 "lr_scheduler", "scaler", "epoch", "next", "partial", "pending", "config", "categories", "rng",
-"best_ap"}.
+"best_ap", "stale"}.
 """
 import argparse
 import dataclasses

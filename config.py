@@ -58,6 +58,7 @@ class Config:
     ema: bool = False                   # evaluate and keep an exponential moving average of the weights
     ema_decay: float = 0.9997
     eval_every: int = 1                 # epochs between evaluations on the validation set
+    patience: int = 0                   # stop after this many evaluations without a better AP (0: never)
     num_workers: int = 2                # data loading processes per training process
     seed: int = 42
 
@@ -75,7 +76,7 @@ ARCHITECTURE = ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", 
 # optimiser's rates and decay, the schedule's length and drop, how often it evaluates, what it keeps and
 # how it loads and recomputes. Every other field would make the run another one (the architecture, the
 # batch size: samples already trained or never trained, the augmentation, the objective, the seed).
-CHANGEABLE_ON_RESUME = ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "epochs", "lr_drop", "eval_every",
+CHANGEABLE_ON_RESUME = ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "epochs", "lr_drop", "eval_every", "patience",
                         "num_select", "num_workers", "backbone_checkpointing", "encoder_checkpointing",
                         "decoder_checkpointing")
 ACTIVATIONS = ("relu", "gelu")
@@ -95,7 +96,7 @@ RULES = {  # field -> (valid?, what valid means); every other field takes any va
     "set_cost_class": non_negative, "set_cost_bbox": non_negative, "set_cost_giou": non_negative,
     "cls_loss_coef": non_negative, "bbox_loss_coef": non_negative, "giou_loss_coef": non_negative,
     "focal_alpha": fraction, "focal_gamma": non_negative, "lr_drop": non_negative, "ema_decay": fraction,
-    "num_workers": non_negative,
+    "num_workers": non_negative, "patience": non_negative,
 }
 
 

@@ -117,8 +117,9 @@ def set_rng_state(state: dict):
 class TrainState:
     """What a run changes as it trains, all of which a checkpoint holds: the weights, the optimiser, the lr
     schedule, the loss scaler, the EMA of the weights, where training goes on (`epoch`, and `iteration` of
-    it: the next one to run), the best AP so far, the epoch's running loss sums (`running`, {"sums",
-    "counts"}, when it stopped mid-epoch), a finished epoch's log record whose evaluation is still owed
+    it: the next one to run), the best AP so far and the evaluations since it (--patience), the epoch's
+    running loss sums (`running`, {"sums", "counts"}, when it stopped mid-epoch), a finished epoch's log
+    record whose evaluation is still owed
     (`pending`), and every process's random state. `save` and `restore` are the checkpoint's one writer
     and one reader; its keys are those of the checkpoints train.py has always written."""
     model: nn.Module
@@ -129,6 +130,7 @@ class TrainState:
     epoch: int = 0
     iteration: int = 0
     best_ap: float = -1.0
+    stale: int = 0  # evaluations since the best AP (--patience)
     running: dict | None = None
     pending: dict | None = None
 
@@ -144,7 +146,7 @@ class TrainState:
             "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "config": config, "categories": categories, "rng": rng,
-            "best_ap": self.best_ap, "next": (self.epoch, self.iteration), "partial": self.running,
+            "best_ap": self.best_ap, "stale": self.stale, "next": (self.epoch, self.iteration), "partial": self.running,
             "pending": self.pending,
             "epoch": self.epoch if self.iteration else self.epoch - 1,  # the epoch of the last iteration run
         }, path)
@@ -159,7 +161,7 @@ class TrainState:
             self.ema.module.load_state_dict(checkpoint["ema"])
         self.epoch, self.iteration = checkpoint.get("next", (checkpoint["epoch"] + 1, 0))
         self.running, self.pending = checkpoint.get("partial"), checkpoint.get("pending")
-        self.best_ap = checkpoint["best_ap"]
+        self.best_ap, self.stale = checkpoint["best_ap"], checkpoint.get("stale", 0)  # (older checkpoints: no "stale")
         rng = checkpoint["rng"]
         set_rng_state(rng[rank] if rank < len(rng) else rng[0])
 

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:8]))
     data = parser.add_argument_group("data")
-    data.add_argument("--data", help="COCO-layout folder: train2017/, val2017/, annotations/instances_{train,val}2017.json")
+    data.add_argument("--data", help="dataset folder: COCO (train2017/, val2017/, annotations/instances_{train,val}2017.json), "
+                      "YOLO (data.yaml, or the .yaml file itself) or Pascal VOC (Annotations/, JPEGImages/, ImageSets/Main/)")
     for split in ("train", "val"):
         data.add_argument(f"--{split}-images", help=f"{split} image folder (any layout; with --{split}-json)")
         data.add_argument(f"--{split}-json", help=f"COCO-format annotation file of --{split}-images")
@@ -323,7 +324,7 @@ def evaluate_and_save(setup: Setup, state: TrainState, evaluated: torch.nn.Modul
             setup.log(format_metrics(metrics))
             record["val"] = metrics
             best = metrics["AP"] > state.best_ap
-            state.best_ap = max(state.best_ap, metrics["AP"])
+            state.best_ap, state.stale = max(state.best_ap, metrics["AP"]), 0 if best else state.stale + 1
     state.pending = None
     setup.save(state)
     if best:
@@ -356,6 +357,11 @@ def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minu
     clock = CheckpointClock(checkpoint_minutes, held.enter_context(StopSignals(setup.log)), setup.device)
     try:
         for epoch in range(state.epoch, cfg.epochs):
+            if cfg.patience and state.stale >= cfg.patience:
+                setup.log(f"stopping early, before epoch {epoch}: AP has not improved for {state.stale} evaluations "
+                          f"(--patience {cfg.patience}); the best, AP {state.best_ap:.3f}, is in "
+                          f"{setup.output_dir / 'best.pth'}")
+                break
             started = time.time()
             losses = train_one_epoch(setup, state, model, criterion, clock, board)
             record = {"epoch": epoch, "train": losses, "lr": state.optimizer.param_groups[0]["lr"],

@@ -68,6 +68,25 @@ def test_training_evaluates_one_image_at_a_time_as_eval_py(shapes, tmp_path, mon
     assert batch_sizes == [1]
 
 
+def test_patience_stops_when_ap_has_not_improved_for_that_many_evaluations(shapes, tmp_path, monkeypatch, capsys):
+    from eval import METRIC_NAMES
+    aps = iter([0.1, 0.3, 0.2, 0.4, 0.35, 0.4, 0.9, 0.9, 0.9])  # the best at epochs 0, 1, 3; 4 and 5 no better
+    evaluated = []
+    def evaluate(*args, **kwargs):
+        evaluated.append(next(aps))
+        return {**{name: evaluated[-1] for name in METRIC_NAMES}, "per_class_AP": {}}
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    run(shapes, tmp_path, "--epochs", "9", "--patience", "2")
+    assert evaluated == [0.1, 0.3, 0.2, 0.4, 0.35, 0.4]  # equal is no better
+    out = capsys.readouterr().out
+    assert "stopping early, before epoch 6: AP has not improved for 2 evaluations (--patience 2); the best, AP 0.400" in out
+    assert read_checkpoint(str(tmp_path / "best.pth"))["epoch"] == 3
+    run(shapes, tmp_path, "--resume", "--patience", "2")  # stays stopped
+    assert len(evaluated) == 6 and "stopping early, before epoch 6" in capsys.readouterr().out
+    run(shapes, tmp_path, "--resume", "--patience", "3")  # more patience: on, to the end or the next stall
+    assert evaluated == [0.1, 0.3, 0.2, 0.4, 0.35, 0.4, 0.9, 0.9, 0.9]
+
+
 def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(shapes, tmp_path):
     run(shapes, tmp_path / "straight", "--epochs", "3", "--eval-every", "5")
     run(shapes, tmp_path / "resumed", "--epochs", "2", "--eval-every", "5")
