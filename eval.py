@@ -22,8 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torchvision.ops import box_convert, box_iou
 from torchvision.transforms.v2 import functional as TF
 
+import plots
 from config import Config, ConfigError
 from cpu_memory import heap_kept
 from data import CocoDetection, DataError, collate, make_transforms, read_image, split_paths
@@ -51,13 +53,35 @@ def device_from_flag(name: str) -> torch.device:
     return device
 
 
-def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict:
-    """COCO box metrics of `detections` (COCO result dicts) on `image_ids`, with AP per category."""
-    from pycocotools.cocoeval import COCOeval  # here, not at the top: see data.load_coco
+def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int], score_thr: float = 0.3) -> dict:
+    """COCO box metrics of `detections` (COCO result dicts) on `image_ids`, with AP per category, and what the
+    plots draw (plots.py): "pr_curves", pycocotools' interpolated precision at its 101 recall points per
+    category, at IoU 0.5 and averaged over 0.5:0.95 (maxDets 100, all areas); "confusion_matrix" of the
+    detections scoring `score_thr` or more (confusion_counts)."""
     metrics = {name: 0.0 for name in METRIC_NAMES}
-    metrics["per_class_AP"] = {coco_gt.cats[c]["name"]: 0.0 for c in sorted(coco_gt.cats)}
+    names = {c: coco_gt.cats[c]["name"] for c in sorted(coco_gt.cats)}
+    metrics["per_class_AP"] = {name: 0.0 for name in names.values()}
+    recall = [i / 100 for i in range(101)]
+    metrics["pr_curves"] = {"recall": recall, "classes": {}}
+    metrics["confusion_matrix"] = {"score_thr": score_thr, "iou": 0.5, "classes": [*names.values(), "background"],
+                                   "counts": confusion_counts(coco_gt, detections, image_ids, score_thr).tolist()}
     if not detections:
         return metrics
+    evaluator = run_cocoeval(coco_gt, detections, image_ids)
+    metrics.update({name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)})
+    precision = evaluator.eval["precision"]  # (IoU thresholds, recall, classes, areas, max dets)
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        if (p > -1).any():  # -1: the category has no ground truth here
+            metrics["per_class_AP"][names[cat_id]] = float(p[p > -1].mean())
+            metrics["pr_curves"]["classes"][names[cat_id]] = {"iou_0.5": p[0].clip(0).tolist(),
+                                                              "iou_0.5:0.95": p.clip(0).mean(0).tolist()}
+    return metrics
+
+
+def run_cocoeval(coco_gt, detections: list[dict], image_ids: list[int]):
+    """pycocotools' COCOeval of the detections, evaluated, accumulated and summarised."""
+    from pycocotools.cocoeval import COCOeval  # here, not at the top: see data.load_coco
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own tables
         coco_dt = coco_gt.loadRes([dict(d) for d in detections])  # loadRes adds keys to the dicts it is given
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
@@ -65,12 +89,42 @@ def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict:
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    metrics.update({name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)})
-    precision = evaluator.eval["precision"]  # (IoU thresholds, recall, classes, areas, max dets)
-    for k, cat_id in enumerate(evaluator.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        metrics["per_class_AP"][coco_gt.cats[cat_id]["name"]] = float(p[p > -1].mean()) if (p > -1).any() else 0.0
-    return metrics
+    return evaluator
+
+
+def confusion_counts(coco_gt, detections: list[dict], image_ids: list[int], score_thr: float,
+                     iou_thr: float = 0.5) -> np.ndarray:
+    """(K + 1, K + 1) counts, rows the true class, columns the predicted one, the last of each background:
+    per image, each detection scoring score_thr or more, best first, takes the unmatched ground-truth box
+    it overlaps most, whatever its class, if by IoU >= iou_thr (a count in [true, predicted]); one left
+    without is a false detection ([background, predicted]) unless it lies on a crowd region (not counted);
+    a box no detection takes was missed ([true, background])."""
+    index = {c: i for i, c in enumerate(sorted(coco_gt.cats))}
+    K = len(index)
+    counts = np.zeros((K + 1, K + 1), dtype=np.int64)
+    by_image = {i: [] for i in image_ids}
+    for d in detections:
+        if d["score"] >= score_thr and d["image_id"] in by_image:
+            by_image[d["image_id"]].append(d)
+    xyxy = lambda boxes: box_convert(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
+    for image_id, found in by_image.items():
+        anns = coco_gt.imgToAnns[image_id]
+        truth = [a for a in anns if not a.get("iscrowd", 0)]
+        found.sort(key=lambda d: -d["score"])
+        iou = box_iou(xyxy([d["bbox"] for d in found]), xyxy([a["bbox"] for a in truth]))
+        crowd = box_iou(xyxy([d["bbox"] for d in found]), xyxy([a["bbox"] for a in anns if a.get("iscrowd", 0)]))
+        taken = torch.zeros(len(truth), dtype=torch.bool)
+        for i, d in enumerate(found):
+            overlap = iou[i].masked_fill(taken, -1)
+            j = int(overlap.argmax()) if len(truth) else -1
+            if j >= 0 and overlap[j] >= iou_thr:
+                taken[j] = True
+                counts[index[truth[j]["category_id"]], index[d["category_id"]]] += 1
+            elif not (crowd.shape[1] and crowd[i].max() >= iou_thr):
+                counts[K, index[d["category_id"]]] += 1
+        for j in (~taken).nonzero().flatten().tolist():
+            counts[index[truth[j]["category_id"]], K] += 1
+    return counts
 
 
 def format_metrics(metrics: dict) -> str:
@@ -168,6 +222,31 @@ def picture_names(paths: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
+def prediction_samples(detector: Detector, dataset: CocoDetection, count: int,
+                       score_thr: float) -> list[tuple[torch.Tensor, dict, dict]]:
+    """(image, ground truth, detections scoring score_thr or more) of the first `count` validation images, in
+    their own pixels: what plots.predictions_grid draws. Crowd regions are not drawn as ground truth."""
+    samples = []
+    for image_id in dataset.ids[:count]:
+        info = dataset.coco.imgs[image_id]
+        image = read_image(dataset.image_dir / info["file_name"], (info["width"], info["height"]) if "width" in info else None)
+        image = TF.pil_to_tensor(image)
+        anns = [a for a in dataset.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        truth = {"boxes": box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy"),
+                 "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)}
+        found = detector(image, score_thr)
+        samples.append((image, truth, {"boxes": found.boxes, "scores": found.scores, "labels": found.labels}))
+    return samples
+
+
+def write_plots(detector: Detector, dataset: CocoDetection, metrics: dict, folder: Path, score_thr: float) -> list[Path]:
+    """An evaluation's plots (plots.evaluation_plots) and predictions.jpg, 8 validation images, in `folder`."""
+    written = plots.evaluation_plots(metrics, folder)
+    names = {c: dataset.coco.cats[c]["name"] for c in dataset.coco.cats}
+    return written + [plots.predictions_grid(prediction_samples(detector, dataset, 8, score_thr), names,
+                                             folder / "predictions.jpg")]
+
+
 def save_pictures(detector: Detector, dataset: CocoDetection, count: int, score_thr: float, folder: Path) -> list[Path]:
     """Draw the detections on the first `count` images of the dataset, in their original pixels."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,14 +316,14 @@ def evaluate_data(detector: Detector, args: argparse.Namespace, paths: tuple[Pat
     dataset = CocoDetection(*paths, make_transforms(train=False, scale=cfg.scale))
     if args.slice:
         results, whole, image_ids = predict_sliced(detector, dataset, args.slice, args.overlap, args.score_thr)
-        whole_metrics = coco_metrics(dataset.coco, whole, image_ids)
+        whole_metrics = coco_metrics(dataset.coco, whole, image_ids, args.score_thr)
         print(f"whole images alone, detections with score >= {args.score_thr}:\n{format_metrics(whole_metrics)}\n"
               f"sliced ({args.slice}x{args.slice} tiles, overlap {args.overlap}, and the whole image), merged:")
     else:
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                              collate_fn=functools.partial(collate, canvas=detector.canvas))
         results, image_ids = predict(detector.model, loader, detector.device, cfg.num_select, args.amp)
-    metrics = coco_metrics(dataset.coco, results, image_ids)
+    metrics = coco_metrics(dataset.coco, results, image_ids, args.score_thr)
     print(format_metrics(metrics))
     if args.slice:
         metrics["whole_image"] = whole_metrics
@@ -255,6 +334,9 @@ def evaluate_data(detector: Detector, args: argparse.Namespace, paths: tuple[Pat
         print(f"wrote {len(results)} detections of {len(image_ids)} images to {results_path}")
     if args.vis:
         save_pictures(detector, dataset, args.vis, args.score_thr, output_dir / "vis")
+    if args.plots:
+        written = write_plots(detector, dataset, metrics, output_dir / "plots", args.score_thr)
+        print(f"plots: {', '.join(str(p) for p in written)}")
 
 
 def main(argv: list[str] | None = None):
@@ -280,7 +362,11 @@ def main(argv: list[str] | None = None):
                              "frame); in --output-dir unless FILE is absolute")
     parser.add_argument("--output-dir", default="eval_output")
     parser.add_argument("--vis", type=int, default=0, metavar="N", help="save N validation images with detections")
-    parser.add_argument("--score-thr", type=float, default=0.3, help="score threshold of the drawn detections")
+    parser.add_argument("--plots", action="store_true", help="with --data: precision-recall curves, AP per class, "
+                        "the confusion matrix (at --score-thr) and 8 images with ground truth and detections, in "
+                        "OUTPUT_DIR/plots/ (needs matplotlib)")
+    parser.add_argument("--score-thr", type=float, default=0.3, help="score threshold of the drawn detections "
+                        "(and of the confusion matrix, and of --slice's merge)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--scale", type=float, help="image size factor (default: the checkpoint's)")
@@ -303,6 +389,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error("give --image or --video, not both")
     if args.output and not args.video:
         parser.error("--output is --video's output video")
+    if args.plots:
+        if args.image or args.video:
+            parser.error("--plots is for evaluations (--data): they plot the ground truth against the detections")
+        plots.require_matplotlib()
     paths = None if args.image or args.video else split_paths("val", args.data, args.val_images, args.val_json)
     if paths is None and not (args.image or args.video):
         parser.error("give --data DIR, or --val-images and --val-json, or --image FILE..., or --video FILE")

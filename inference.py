@@ -80,9 +80,11 @@ class Detections:
                                       class_id=self.labels.numpy(), data={"class_name": np.array(self.names, dtype=str)})
 
 
-def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], score_thr: float) -> Image.Image:
-    """image (3, H, W) uint8; detection from postprocess in the image's pixels. The boxes and their labels
-    scale with the image, so that a 4000-pixel picture reads as a 400-pixel one does."""
+def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], score_thr: float,
+                    colour: tuple[int, int, int] = LABEL_COLOUR, scores: bool = True) -> Image.Image:
+    """image (3, H, W) uint8; detection from postprocess in the image's pixels; each label with its score
+    unless not `scores`. The boxes and their labels scale with the image, so that a 4000-pixel picture reads
+    as a 400-pixel one does."""
     picture = TF.to_pil_image(image)
     draw = ImageDraw.Draw(picture)
     side = max(picture.size)
@@ -90,11 +92,12 @@ def draw_detections(image: Tensor, detection: dict, categories: dict[int, str], 
     keep = (detection["scores"] >= score_thr).nonzero().flatten().tolist()
     for i in reversed(keep):  # the best drawn last, on top
         box = detection["boxes"][i].tolist()
-        text = f"{categories.get(int(detection['labels'][i]), int(detection['labels'][i]))} {float(detection['scores'][i]):.2f}"
-        draw.rectangle(box, outline=LABEL_COLOUR, width=width)
+        text = str(categories.get(int(detection["labels"][i]), int(detection["labels"][i])))
+        text += f" {float(detection['scores'][i]):.2f}" if scores else ""
+        draw.rectangle(box, outline=colour, width=width)
         x1, y1, x2, y2 = draw.textbbox((box[0], box[1]), text, font=font)
         top = box[1] - (y2 - y1) - 2 * width if box[1] - (y2 - y1) - 2 * width >= 0 else box[1]  # above, if it fits
-        draw.rectangle([x1, top, x2 + 2 * width, top + (y2 - y1) + 2 * width], fill=LABEL_COLOUR)
+        draw.rectangle([x1, top, x2 + 2 * width, top + (y2 - y1) + 2 * width], fill=colour)
         draw.text((box[0] + width, top + width - (y1 - box[1])), text, fill="white", font=font)
     return picture
 

@@ -36,10 +36,11 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+import plots
 from checkpoints import load_pretrained, load_pretrained_backbone, pretrained_architecture, read_checkpoint
 from config import CHANGEABLE_ON_RESUME, MAX_CLASSES, Config, ConfigError, flag, make_config
 from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
-from eval import device_from_flag, evaluate, format_metrics, save_pictures
+from eval import METRIC_NAMES, device_from_flag, evaluate, format_metrics, save_pictures, write_plots
 from inference import Detector
 from losses import Criterion
 from model import DINO, TooFewTokens, build_dino
@@ -178,6 +179,7 @@ class Setup:
     train_set: CocoDetection
     val_set: CocoDetection
     log: Callable
+    plots: bool = False  # OUTPUT_DIR/plots/ (rank 0, where matplotlib is installed)
 
     @property
     def is_main(self) -> bool:
@@ -322,7 +324,7 @@ def evaluate_and_save(setup: Setup, state: TrainState, evaluated: torch.nn.Modul
         metrics = evaluate(evaluated, setup.loader(False), setup.device, setup.cfg.num_select, setup.cfg.amp) or {}
         if setup.is_main:  # rank 0 alone has the metrics
             setup.log(format_metrics(metrics))
-            record["val"] = metrics
+            record["val"] = {k: metrics[k] for k in (*METRIC_NAMES, "per_class_AP")}  # not the curves
             best = metrics["AP"] > state.best_ap
             state.best_ap, state.stale = max(state.best_ap, metrics["AP"]), 0 if best else state.stale + 1
     state.pending = None
@@ -332,18 +334,30 @@ def evaluate_and_save(setup: Setup, state: TrainState, evaluated: torch.nn.Modul
         write_atomically(setup.output_dir / "metrics.json", json.dumps(metrics, indent=2))
     if setup.is_main:  # the whole log rewritten, not appended to: a kill mid-line would leave half a record
         log_file = setup.output_dir / "log.jsonl"
-        before = log_file.read_text() if log_file.exists() else ""
-        write_atomically(log_file, before + json.dumps(record) + "\n")
+        log_text = (log_file.read_text() if log_file.exists() else "") + json.dumps(record) + "\n"
+        write_atomically(log_file, log_text)
+        if setup.plots:
+            run_plots(setup, evaluated, log_text, metrics if best else None)
     return metrics
+
+
+def run_plots(setup: Setup, evaluated: torch.nn.Module, log_text: str, best_metrics: dict | None) -> None:
+    """OUTPUT_DIR/plots/training.png after every epoch; the evaluation's plots of the best model so far
+    (pr_curves, per_class_ap, confusion_matrix, predictions) when it is new."""
+    folder = setup.output_dir / "plots"
+    plots.training_plot([json.loads(line) for line in log_text.splitlines()], folder / "training.png")
+    if best_metrics is not None:
+        names = {c: setup.val_set.coco.cats[c]["name"] for c in setup.val_set.coco.cats}
+        detector = Detector(evaluated, setup.cfg, names, setup.device, setup.cfg.amp)
+        write_plots(detector, setup.val_set, best_metrics, folder, 0.3)
 
 
 def epoch_to_board(board, losses: dict, metrics: dict, step: int) -> None:
     """TensorBoard: the epoch's mean losses and its metrics (if it was evaluated), at the step it ended."""
     for name, value in losses.items():
         board.add_scalar(f"epoch/{name}", value, step)
-    for name, value in metrics.items():
-        if name != "per_class_AP":
-            board.add_scalar(f"val/{name}", value, step)
+    for name in METRIC_NAMES if metrics else ():
+        board.add_scalar(f"val/{name}", metrics[name], step)
 
 
 def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minutes: float, board,
@@ -529,8 +543,18 @@ def set_up(parser: argparse.ArgumentParser, args: argparse.Namespace, held: cont
     if "num_classes" not in given and resumed is None:
         cfg = dataclasses.replace(cfg, num_classes=needed)
     check_categories(cfg, needed, train_set, val_set, log)
-    setup = Setup(cfg, device, output_dir, rank, world, distributed, train_set, val_set, log)
+    setup = Setup(cfg, device, output_dir, rank, world, distributed, train_set, val_set, log,
+                  plots=rank == 0 and plots_available(log))
     return setup, resumed or pretrained
+
+
+def plots_available(log) -> bool:
+    try:
+        plots.require_matplotlib()
+        return True
+    except ConfigError as e:
+        log(f"{e}: no plots in this run")
+        return False
 
 
 def build_state(setup: Setup, args: argparse.Namespace, checkpoint: dict | None) -> TrainState:

@@ -140,6 +140,19 @@ def test_save_results_into_a_new_folder_creates_it(shapes, trained, tmp_path):
     assert json.loads((tmp_path / "sub" / "res.json").read_text())
 
 
+def test_eval_plots_and_their_missing_matplotlib(shapes, trained, tmp_path, monkeypatch, capsys):
+    eval_main(str(trained), "--data", str(shapes), "--output-dir", str(tmp_path), "--plots", "--score-thr", "0.1")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "confusion_matrix.png", "per_class_ap.png", "pr_curves.png", "predictions.jpg"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["confusion_matrix"]["score_thr"] == 0.1 and len(metrics["pr_curves"]["recall"]) == 101
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(str(trained), "--data", str(shapes), "--output-dir", str(tmp_path / "again"), "--plots")
+    assert exit_info.value.code == 2 and "plots need matplotlib: pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "again" / "metrics.json").exists()  # refused before the evaluation
+
+
 def test_an_output_path_that_cannot_be_written_stops_before_the_evaluation(shapes, trained, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exit_info:

@@ -11,6 +11,7 @@ LAYERS = [  # bottom to top
     {"model", "losses"},
     {"checkpoints"},
     {"inference"},
+    {"plots"},
     {"eval", "export"},
     {"train"},
 ]

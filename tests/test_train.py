@@ -56,6 +56,16 @@ def test_two_iteration_training_run_writes_checkpoint_log_and_metrics(shapes, tm
     assert "AP" in log[0]["val"]
     assert (tmp_path / "best.pth").exists() and json.loads((tmp_path / "metrics.json").read_text())["AP"] == metrics["AP"]
     assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [  # the best model's evaluation, the curves
+        "confusion_matrix.png", "per_class_ap.png", "pr_curves.png", "predictions.jpg", "training.png"]
+
+
+def test_without_matplotlib_training_says_so_once_and_goes_on(shapes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    run(shapes, tmp_path, "--epochs", "1")
+    assert capsys.readouterr().out.count("plots need matplotlib: pip install matplotlib: no plots in this run") == 1
+    assert (tmp_path / "best.pth").exists() and not (tmp_path / "plots").exists()
 
 
 def test_training_evaluates_one_image_at_a_time_as_eval_py(shapes, tmp_path, monkeypatch):
@@ -69,12 +79,12 @@ def test_training_evaluates_one_image_at_a_time_as_eval_py(shapes, tmp_path, mon
 
 
 def test_patience_stops_when_ap_has_not_improved_for_that_many_evaluations(shapes, tmp_path, monkeypatch, capsys):
-    from eval import METRIC_NAMES
+    from eval import METRIC_NAMES, coco_metrics
     aps = iter([0.1, 0.3, 0.2, 0.4, 0.35, 0.4, 0.9, 0.9, 0.9])  # the best at epochs 0, 1, 3; 4 and 5 no better
     evaluated = []
-    def evaluate(*args, **kwargs):
+    def evaluate(model, loader, *args):  # the metrics of no detections, with the AP of the list
         evaluated.append(next(aps))
-        return {**{name: evaluated[-1] for name in METRIC_NAMES}, "per_class_AP": {}}
+        return {**coco_metrics(loader.dataset.coco, [], loader.dataset.ids), **dict.fromkeys(METRIC_NAMES, evaluated[-1])}
     monkeypatch.setattr(train, "evaluate", evaluate)
     run(shapes, tmp_path, "--epochs", "9", "--patience", "2")
     assert evaluated == [0.1, 0.3, 0.2, 0.4, 0.35, 0.4]  # equal is no better
