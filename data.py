@@ -221,22 +221,27 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def original(self, image_id: int) -> tuple[Tensor, dict]:
+        """Image `image_id` as read for training and evaluation ((3, H, W) uint8, before any transform) and its
+        ground truth in its pixels: {"boxes" (G, 4) x1y1x2y2, "labels" (G,)}. Crowd regions are left out: no
+        training targets (COCOeval reads them from the annotation file itself)."""
+        info = self.coco.imgs[image_id]
+        json_size = (info["width"], info["height"]) if "width" in info and "height" in info else None
+        image = TF.pil_to_tensor(read_image(self.image_dir / info["file_name"], json_size))
+        anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
+        return image, {"boxes": boxes, "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)}
+
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, dict]:
         """item: an index, or (index, seed): then the augmentation draws from a generator of this sample's own,
         so that it is the same whichever process or worker reads the sample, and whenever (runs.EpochOrder)."""
         index, seed = item if isinstance(item, tuple) else (item, None)
         image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        json_size = (info["width"], info["height"]) if "width" in info and "height" in info else None
-        image = read_image(self.image_dir / info["file_name"], json_size)
-        W, H = image.size
-        # crowd regions are no training targets; COCOeval reads them from the annotation file itself
-        anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes = box_convert(boxes, "xywh", "xyxy")
-        sample = {"image": tv_tensors.Image(TF.pil_to_tensor(image)),
-                  "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)),
-                  "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)}
+        image, truth = self.original(image_id)
+        H, W = image.shape[1:]
+        sample = {"image": tv_tensors.Image(image),
+                  "boxes": tv_tensors.BoundingBoxes(truth["boxes"], format="XYXY", canvas_size=(H, W)),
+                  "labels": truth["labels"]}
         sample["boxes"] = TF.clamp_bounding_boxes(sample["boxes"])
         if seed is None:
             sample = self.transforms(sample)

@@ -23,12 +23,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torchvision.ops import box_convert, box_iou
-from torchvision.transforms.v2 import functional as TF
 
 import plots
 from config import Config, ConfigError
 from cpu_memory import heap_kept
-from data import CocoDetection, DataError, collate, make_transforms, read_image, split_paths
+from data import CocoDetection, DataError, collate, make_transforms, split_paths
 from inference import Detector, check_options, image_sources, merge_detections
 from model import TooFewTokens, postprocess
 from precision import amp_autocast, at_least_float32
@@ -204,9 +203,7 @@ def predict_sliced(detector: Detector, dataset: CocoDetection, size: int, overla
         if time.time() - last_print > 10:
             last_print = time.time()
             print(f"evaluating [{i}/{len(dataset)}], {(len(dataset) - i) * (last_print - start) / i:.0f} s left", flush=True)
-        info = dataset.coco.imgs[image_id]
-        image = read_image(dataset.image_dir / info["file_name"], (info["width"], info["height"]) if "width" in info else None)
-        passes = detector.tiles(TF.pil_to_tensor(image), size, overlap, score_thr)
+        passes = detector.tiles(dataset.original(image_id)[0], size, overlap, score_thr)
         sliced += [r for r in merge_detections(passes).to_coco(image_id) if r["category_id"] in dataset.coco.cats]
         whole += [r for r in passes[0].to_coco(image_id) if r["category_id"] in dataset.coco.cats]
     return sliced, whole, list(dataset.ids)
@@ -228,12 +225,7 @@ def prediction_samples(detector: Detector, dataset: CocoDetection, count: int,
     their own pixels: what plots.predictions_grid draws. Crowd regions are not drawn as ground truth."""
     samples = []
     for image_id in dataset.ids[:count]:
-        info = dataset.coco.imgs[image_id]
-        image = read_image(dataset.image_dir / info["file_name"], (info["width"], info["height"]) if "width" in info else None)
-        image = TF.pil_to_tensor(image)
-        anns = [a for a in dataset.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        truth = {"boxes": box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy"),
-                 "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)}
+        image, truth = dataset.original(image_id)
         found = detector(image, score_thr)
         samples.append((image, truth, {"boxes": found.boxes, "scores": found.scores, "labels": found.labels}))
     return samples
@@ -244,18 +236,17 @@ def write_plots(detector: Detector, dataset: CocoDetection, metrics: dict, folde
     written = plots.evaluation_plots(metrics, folder)
     names = {c: dataset.coco.cats[c]["name"] for c in dataset.coco.cats}
     return written + [plots.predictions_grid(prediction_samples(detector, dataset, 8, score_thr), names,
-                                             folder / "predictions.jpg")]
+                                             folder / "predictions.jpg", score_thr)]
 
 
 def save_pictures(detector: Detector, dataset: CocoDetection, count: int, score_thr: float, folder: Path) -> list[Path]:
     """Draw the detections on the first `count` images of the dataset, in their original pixels."""
     folder.mkdir(parents=True, exist_ok=True)
-    infos = [dataset.coco.imgs[image_id] for image_id in dataset.ids[:count]]
+    ids = dataset.ids[:count]
     saved = []
-    for info, stem in zip(infos, picture_names([info["file_name"] for info in infos])):  # a/x.jpg, b/x.jpg: 2 files
-        image = read_image(dataset.image_dir / info["file_name"], (info["width"], info["height"]) if "width" in info else None)
+    for image_id, stem in zip(ids, picture_names([dataset.coco.imgs[i]["file_name"] for i in ids])):  # a/x.jpg, b/x.jpg: 2 files
         saved.append(folder / f"{stem}.png")
-        save_picture(detector(TF.pil_to_tensor(image), score_thr).draw(), saved[-1])
+        save_picture(detector(dataset.original(image_id)[0], score_thr).draw(), saved[-1])
     return saved
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from config import ConfigError
 from inference import draw_detections
@@ -40,6 +40,7 @@ def training_plot(records: list[dict], path: Path) -> Path:
     """Every loss term (the final layer's, each decoder layer's, the encoder's proposals', the denoising
     queries'), the learning rate, and AP and AP50 of the evaluated epochs, against the epoch."""
     Figure = require_matplotlib()
+    from matplotlib.ticker import MaxNLocator
     figure = Figure(figsize=(15, 8), layout="constrained")
     axes = figure.subplots(2, 3).flatten()
     epochs = [r["epoch"] for r in records]
@@ -59,6 +60,8 @@ def training_plot(records: list[dict], path: Path) -> Path:
         axes[5].plot([r["epoch"] for r in evaluated], [r["val"][name] for r in evaluated], marker="o", label=name)
     axes[5].set(title="validation", xlabel="epoch", ylim=(0, 1))
     axes[5].legend()
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not -0.04
     return save_figure(figure, path)
 
 
@@ -120,10 +123,11 @@ def confusion_matrix_plot(metrics: dict, path: Path) -> Path:
 
 
 def predictions_grid(samples: list[tuple[torch.Tensor, dict, dict]], categories: dict[int, str], path: Path,
-                     height: int = 240) -> Path:
+                     score_thr: float, height: int = 240) -> Path:
     """Validation images, each as its ground truth (green) beside its detections (red), two pairs a row, each
-    picture `height` pixels high, as one JPEG. samples: (image (3, H, W) uint8, ground truth {"boxes",
-    "labels"} in pixels, detections {"boxes", "scores", "labels"} in pixels, those to draw)."""
+    picture `height` pixels high, under a line saying so, as one JPEG. samples: (image (3, H, W) uint8, ground
+    truth {"boxes", "labels"} in pixels, detections {"boxes", "scores", "labels"} in pixels, scoring
+    `score_thr` or more)."""
     pictures = []
     for image, truth, found in samples:
         truth = {**truth, "scores": torch.ones(len(truth["labels"]))}
@@ -132,9 +136,12 @@ def predictions_grid(samples: list[tuple[torch.Tensor, dict, dict]], categories:
         pictures.append([p.resize((max(1, round(p.width * height / p.height)), height)) for p in pair])
     columns = 2
     width = max(sum(p.width for p in pair) for pair in pictures) + 10
-    grid = Image.new("RGB", (columns * width, math.ceil(len(pictures) / columns) * (height + 10)), "white")
+    header = 30
+    grid = Image.new("RGB", (columns * width, header + math.ceil(len(pictures) / columns) * (height + 10)), "white")
+    ImageDraw.Draw(grid).text((5, 5), f"each pair: ground truth (green), then the detections scoring {score_thr} or "
+                              f"more (red)", fill="black", font=ImageFont.load_default(size=16))
     for i, (truth, found) in enumerate(pictures):
-        x, y = (i % columns) * width, (i // columns) * (height + 10)
+        x, y = (i % columns) * width, header + (i // columns) * (height + 10)
         grid.paste(truth, (x, y))
         grid.paste(found, (x + truth.width + 2, y))
     path.parent.mkdir(parents=True, exist_ok=True)

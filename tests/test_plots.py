@@ -94,8 +94,8 @@ def test_every_plot_is_written_and_reads_with_2_and_80_classes(tmp_path, num_cla
     image = torch.zeros(3, 60, 90, dtype=torch.uint8)
     sample = (image, {"boxes": torch.tensor([[5.0, 5, 40, 40]]), "labels": torch.tensor([1])},
               {"boxes": torch.tensor([[6.0, 5, 41, 40]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])})
-    with Image.open(plots.predictions_grid([sample] * 3, {1: "class 0"}, tmp_path / "predictions.jpg")) as picture:
-        assert picture.format == "JPEG" and picture.size == (2 * (2 * 360 + 10), 2 * 250)  # 3 pairs: 2 rows of 2
+    with Image.open(plots.predictions_grid([sample] * 3, {1: "class 0"}, tmp_path / "predictions.jpg", 0.3)) as picture:
+        assert picture.format == "JPEG" and picture.size == (2 * (2 * 360 + 10), 30 + 2 * 250)  # 3 pairs: 2 rows of 2
     assert not list(tmp_path.glob("*.tmp"))
 
 
