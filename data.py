@@ -214,6 +214,10 @@ class CocoDetection(torch.utils.data.Dataset):
                                     f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
     @property
+    def category_names(self) -> dict[int, str]:
+        return {c: self.coco.cats[c]["name"] for c in self.coco.cats}
+
+    @property
     def num_classes(self) -> int:
         """Largest category id + 1, as official DINO (COCO: 91)."""
         return max(self.coco.cats, default=0) + 1

@@ -233,10 +233,9 @@ def prediction_samples(detector: Detector, dataset: CocoDetection, count: int,
 
 def write_plots(detector: Detector, dataset: CocoDetection, metrics: dict, folder: Path, score_thr: float) -> list[Path]:
     """An evaluation's plots (plots.evaluation_plots) and predictions.jpg, 8 validation images, in `folder`."""
-    written = plots.evaluation_plots(metrics, folder)
-    names = {c: dataset.coco.cats[c]["name"] for c in dataset.coco.cats}
-    return written + [plots.predictions_grid(prediction_samples(detector, dataset, 8, score_thr), names,
-                                             folder / "predictions.jpg", score_thr)]
+    samples = prediction_samples(detector, dataset, 8, score_thr)
+    return plots.evaluation_plots(metrics, folder) + [
+        plots.predictions_grid(samples, dataset.category_names, folder / "predictions.jpg", score_thr)]
 
 
 def save_pictures(detector: Detector, dataset: CocoDetection, count: int, score_thr: float, folder: Path) -> list[Path]:

@@ -217,7 +217,7 @@ class Setup:
 
     def save(self, state: TrainState) -> None:
         """checkpoint.pth from `state`, with this run's config and category names (every process calls it)."""
-        categories = {c: self.train_set.coco.cats[c]["name"] for c in self.train_set.coco.cats}
+        categories = self.train_set.category_names
         state.save(self.checkpoint_path, dataclasses.asdict(self.cfg), categories, self.is_main)
 
 
@@ -347,8 +347,7 @@ def run_plots(setup: Setup, evaluated: torch.nn.Module, log_text: str, best_metr
     folder = setup.output_dir / "plots"
     plots.training_plot([json.loads(line) for line in log_text.splitlines()], folder / "training.png")
     if best_metrics is not None:
-        names = {c: setup.val_set.coco.cats[c]["name"] for c in setup.val_set.coco.cats}
-        detector = Detector(evaluated, setup.cfg, names, setup.device, setup.cfg.amp)
+        detector = Detector(evaluated, setup.cfg, setup.val_set.category_names, setup.device, setup.cfg.amp)
         write_plots(detector, setup.val_set, best_metrics, folder, 0.3)
 
 
@@ -615,8 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def demo_pictures(setup: Setup, state: TrainState, metrics: dict) -> None:
     evaluated = state.ema.module if state.ema is not None else state.model
-    names = {c: setup.val_set.coco.cats[c]["name"] for c in setup.val_set.coco.cats}
-    detector = Detector(evaluated, setup.cfg, names, setup.device, setup.cfg.amp)
+    detector = Detector(evaluated, setup.cfg, setup.val_set.category_names, setup.device, setup.cfg.amp)
     saved = save_pictures(detector, setup.val_set, 8, 0.3, setup.output_dir / "vis")
     setup.log(f"demo: AP50 {metrics.get('AP50', 0.0):.3f}, AP {metrics.get('AP', 0.0):.3f} on the generated "
               f"validation split; pictures of the detections in {saved[0].parent}")
