@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,17 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_select: i
     return coco_metrics(loader.dataset.coco, *predicted) if predicted is not None else None
 
 
+def with_progress(items, every: float, line) -> Iterator:
+    """`items`, one by one, with a progress line `line(done, seconds so far)` printed at most every `every`
+    seconds (long validation sets, videos)."""
+    start = last_print = time.time()
+    for done, item in enumerate(items):
+        if done and time.time() - last_print > every:
+            last_print = time.time()
+            print(line(done, last_print - start), flush=True)
+        yield item
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, num_select: int = Config.num_select,
             amp: bool = False) -> tuple[list[dict], list[int]] | None:
@@ -165,12 +177,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device, num_select: in
     model.eval()
     results, image_ids = [], []
     shows_progress = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    start = last_print = time.time()
-    for i, (images, mask, targets) in enumerate(loader):
-        if shows_progress and time.time() - last_print > 10:  # long validation sets: a line every 10 s
-            last_print = time.time()
-            left = (len(loader) - i) * (last_print - start) / i
-            print(f"evaluating [{i}/{len(loader)}], {left:.0f} s left", flush=True)
+    batches = with_progress(loader, 10, evaluating_line(len(loader))) if shows_progress else loader
+    for images, mask, targets in batches:
         with amp_autocast(device, amp), heap_kept(device):
             outputs = model(images.to(device), mask.to(device))
         outputs = {k: at_least_float32(outputs[k]) for k in ("pred_logits", "pred_boxes")}
@@ -193,16 +201,16 @@ def predict(model: torch.nn.Module, loader, device: torch.device, num_select: in
     return results, image_ids
 
 
+def evaluating_line(total: int):
+    return lambda done, seconds: f"evaluating [{done}/{total}], {(total - done) * seconds / done:.0f} s left"
+
+
 def predict_sliced(detector: Detector, dataset: CocoDetection, size: int, overlap: float,
                    score_thr: float) -> tuple[list[dict], list[dict], list[int]]:
     """COCO results of SAHI's sliced inference on every image of the dataset, and of the whole image alone
     (its first pass), both with the detections under score_thr dropped; and the image ids."""
     sliced, whole = [], []
-    start = last_print = time.time()
-    for i, image_id in enumerate(dataset.ids):
-        if time.time() - last_print > 10:
-            last_print = time.time()
-            print(f"evaluating [{i}/{len(dataset)}], {(len(dataset) - i) * (last_print - start) / i:.0f} s left", flush=True)
+    for image_id in with_progress(dataset.ids, 10, evaluating_line(len(dataset))):
         passes = detector.tiles(dataset.original(image_id)[0], size, overlap, score_thr)
         sliced += [r for r in merge_detections(passes).to_coco(image_id) if r["category_id"] in dataset.coco.cats]
         whole += [r for r in passes[0].to_coco(image_id) if r["category_id"] in dataset.coco.cats]
@@ -278,17 +286,15 @@ def detect_video(detector: Detector, args: argparse.Namespace, output: Path, res
     with --save-results, one JSON line per frame."""
     with VideoReader(args.video) as reader:
         fps, total = reader.fps, reader.frames
-    lines, start, last_print = [], time.time(), time.time()
+    lines, start = [], time.time()
+    frames_line = lambda done, seconds: f"frame {done}/{total or '?'}: {done / seconds:.2f} frames/s"
 
     def write(tmp: Path):
-        nonlocal last_print
         with VideoWriter(tmp, fps, output.suffix) as writer:
-            for index, found in detector.video(args.video, args.score_thr, args.slice, args.overlap):
+            frames = detector.video(args.video, args.score_thr, args.slice, args.overlap)
+            for index, found in with_progress(frames, 5, frames_line):
                 writer.write(np.asarray(found.draw()))
                 lines.append(json.dumps({"frame": index, "time": round(index / fps, 3), **found.to_dict()}))
-                if time.time() - last_print > 5:
-                    last_print = time.time()
-                    print(f"frame {index + 1}/{total or '?'}: {(index + 1) / (last_print - start):.2f} frames/s", flush=True)
 
     replace_atomically(output, write)
     print(f"{len(lines)} frames in {time.time() - start:.1f} s ({len(lines) / (time.time() - start):.2f} frames/s); "

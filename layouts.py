@@ -211,8 +211,9 @@ def read_voc(data_dir: Path, split: str) -> tuple[Path, dict]:
     if not listing.is_file():
         raise DataError(f"--data {data_dir}: no {listing.relative_to(data_dir)} (the {split} split's image ids)")
     ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
-    entries = [voc_objects(data_dir / "Annotations" / f"{i}.xml") for i in ids]
-    all_names = sorted({o["name"] for f in sorted((data_dir / "Annotations").glob("*.xml")) for o in voc_objects(f)[1]})
+    parsed = {f.stem: voc_objects(f) for f in sorted((data_dir / "Annotations").glob("*.xml"))}  # each file once
+    entries = [parsed.get(i) or voc_objects(data_dir / "Annotations" / f"{i}.xml") for i in ids]  # none: its error
+    all_names = sorted({o["name"] for _, objects in parsed.values() for o in objects})
     category = {name: i for i, name in enumerate(all_names)}  # every split numbers the classes alike
     images, annotations = [], []
     for image_id, (image, objects) in enumerate(entries, 1):
