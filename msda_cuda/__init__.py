@@ -3,9 +3,10 @@
 CUDA tensors go through the kernel in ms_deform_attn.cu, CPU tensors through the one in
 ms_deform_attn_cpu.cpp (C++ and OpenMP over torch's threads; bf16 and fp16 values in float32), each
 compiled just in time on first use (about a minute; cached by torch in ~/.cache/torch_extensions
-afterwards); every case a kernel does not cover, and anything traced for export, goes through the
-pure-PyTorch reference in reference.py. If a build fails, one warning says why and the reference is
-used. DINO_MSDA=reference forces the reference.
+afterwards); every case a kernel does not cover goes through the pure-PyTorch reference in
+reference.py. If a build fails, one warning says why and the reference is used. DINO_MSDA=reference
+forces the reference. Anything traced for export goes through one of reference.py's two formulations,
+`traced_as("gather")` (gathers and arithmetic) or `traced_as("grid_sample")` (the reference).
 
 Each kernel checks itself: the first time it meets a dtype and head size in a process, it runs a small
 random problem (an odd batch, every level, points beyond the borders) through itself and through the
@@ -16,6 +17,7 @@ DINO_MSDA_SELF_CHECK=0 turns it off.
 Under torch.compile the attention is one opaque operator, `torch.ops.dino.ms_deform_attn`, so the
 compiler neither traces the kernel nor the host reads of the level layout.
 """
+import contextlib
 import functools
 import os
 import shutil
@@ -29,16 +31,30 @@ from torch.autograd.function import once_differentiable
 
 from precision import at_least_float32
 
-from .reference import ms_deform_attn_reference
+from .reference import ms_deform_attn_gather, ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "level_start_index_of", "build_extension",
-           "build_cpu_extension"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "ms_deform_attn_gather", "level_start_index_of",
+           "build_extension", "build_cpu_extension", "traced_as", "TRACED_FORMULATIONS"]
 
 _SOURCE = Path(__file__).with_name("ms_deform_attn.cu")
 _CPU_SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.cpp")
 _builds: dict[str, object] = {}  # "CUDA" / "CPU" -> the compiled extension, None if it failed
 _build_errors: dict[str, str] = {}
 _checked_metadata: dict[int, tuple] = {}  # id(spatial_shapes) -> (weak reference to it, what was checked)
+TRACED_FORMULATIONS = {"gather": ms_deform_attn_gather, "grid_sample": ms_deform_attn_reference}
+_traced = ["grid_sample"]  # the formulation a trace records (export.py chooses it with traced_as)
+
+
+@contextlib.contextmanager
+def traced_as(formulation: str):
+    """Within it, a trace (torch.onnx.export) records the attention as TRACED_FORMULATIONS[formulation]."""
+    if formulation not in TRACED_FORMULATIONS:
+        raise ValueError(f"formulation must be one of {sorted(TRACED_FORMULATIONS)}, got {formulation!r}")
+    _traced.append(formulation)
+    try:
+        yield
+    finally:
+        _traced.pop()
 
 
 def level_start_index_of(spatial_shapes: Tensor) -> Tensor:
@@ -268,8 +284,7 @@ def _kernel_for(value: Tensor) -> tuple[object, torch.dtype]:
     reference: the CUDA kernel for the CUDA tensors it covers, in their dtype; the CPU kernel for CPU
     tensors, in float32 for bf16 and fp16 values (as their sums are anyway; the kernel is several times
     faster than the reference in either); each once it built and passed its self-check. Never while
-    tracing (ONNX export: an exported graph holds the reference's grid_sample), nor with
-    DINO_MSDA=reference."""
+    tracing (ONNX export: the graph holds the formulation traced_as chose), nor with DINO_MSDA=reference."""
     if os.environ.get("DINO_MSDA") == "reference" or torch.jit.is_tracing():
         return None, None
     if value.is_cuda and _kernel_covers(value):
@@ -290,8 +305,8 @@ def _run(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampl
         _check_layout(value, spatial_shapes, level_start_index)
     extension, dtype = _kernel_for(value)
     if extension is None:
-        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
-                                        attention_weights)
+        formulation = TRACED_FORMULATIONS[_traced[-1]] if torch.jit.is_tracing() else ms_deform_attn_reference
+        return formulation(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _MSDeformAttnFunction.apply(extension, value.to(dtype), spatial_shapes, level_start_index,
                                        sampling_locations, attention_weights).to(value.dtype)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from deformable_attn import MSDeformAttn
-from msda_cuda import ms_deform_attn, ms_deform_attn_reference
+from msda_cuda import TRACED_FORMULATIONS, ms_deform_attn, ms_deform_attn_gather, ms_deform_attn_reference, traced_as
 from test_msda_cuda import random_inputs
 
 
@@ -32,12 +32,59 @@ def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_we
     return out.view(B, Q, M * D)
 
 
+@pytest.mark.parametrize("formulation", [ms_deform_attn_reference, ms_deform_attn_gather])
 @pytest.mark.parametrize("shapes", [[(6, 4), (3, 2)], [(5, 7)], [(1, 1), (4, 3), (2, 5)]])
-def test_reference_matches_naive_bilinear_loop(shapes):
+def test_reference_and_gather_formulation_match_naive_bilinear_loop(shapes, formulation):
     value, spatial_shapes, level_start_index, locations, weights = random_inputs(shapes)
     expected = naive_ms_deform_attn(value, spatial_shapes, locations, weights)
-    got = ms_deform_attn_reference(value, spatial_shapes, level_start_index, locations, weights)
+    got = formulation(value, spatial_shapes, level_start_index, locations, weights)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def border_locations(shapes, B, Q, M, P, dtype):
+    """Locations (B, Q, M, L, P, 2) drawn from each level's awkward places: both borders, the first and last
+    pixel centres, half and whole pixels beyond each border, pixel edges, and random points 30% beyond."""
+    g = torch.Generator().manual_seed(1)
+    levels = []
+    for H, W in shapes:
+        xy = []
+        for n in (W, H):
+            special = torch.tensor([0.0, 1.0, 0.5 / n, 1 - 0.5 / n, -0.5 / n, -1 / n, 1 + 0.5 / n, 1 + 1 / n,
+                                    1 / n, 1 - 1 / n, 2.5 / n], dtype=torch.float64)
+            pick = torch.randint(0, 2 * len(special), (B, Q, M, P), generator=g)
+            drawn = torch.rand(B, Q, M, P, generator=g, dtype=torch.float64) * 1.6 - 0.3
+            xy.append(torch.where(pick < len(special), special[pick.clamp(max=len(special) - 1)], drawn))
+        levels.append(torch.stack(xy, -1))
+    return torch.stack(levels, 3).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_gather_formulation_is_grid_sample_on_and_beyond_every_border(dtype, tol):
+    """The export's formulation (gathers and arithmetic) computes F.grid_sample's bilinear sampling with zero
+    padding, align_corners=False (the reference), where the corners fall outside the map too."""
+    shapes = [(6, 4), (3, 5), (1, 1), (2, 7)]
+    value, spatial_shapes, level_start_index, _, weights = random_inputs(shapes, B=3, Q=40, M=2, D=4, P=4, dtype=dtype)
+    locations = border_locations(shapes, 3, 40, 2, 4, dtype)
+    want = ms_deform_attn_reference(value, spatial_shapes, level_start_index, locations, weights)
+    got = ms_deform_attn_gather(value, spatial_shapes, level_start_index, locations, weights)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_a_trace_records_the_formulation_chosen(monkeypatch):
+    """Under tracing the attention is never the kernel: traced_as picks reference.py's formulation."""
+    value, spatial_shapes, level_start_index, locations, weights = random_inputs([(6, 4), (3, 2)], dtype=torch.float32)
+    calls = []
+    for name, formulation in TRACED_FORMULATIONS.copy().items():
+        monkeypatch.setitem(TRACED_FORMULATIONS, name, lambda *a, name=name, f=formulation: calls.append(name) or f(*a))
+    fn = lambda v, loc, w: ms_deform_attn(v, spatial_shapes, level_start_index, loc, w)  # noqa: E731
+    for name in ("gather", "grid_sample"):
+        with traced_as(name):
+            torch.jit.trace(fn, (value, locations, weights), check_trace=False)
+    assert calls == ["gather", "grid_sample"]
+    with pytest.raises(ValueError, match="formulation must be one of"):
+        with traced_as("grid"):
+            pass
 
 
 def test_reference_gradcheck_float64():
