@@ -392,7 +392,7 @@ class DINO(nn.Module):
         memory = self.enc_output_norm(self.enc_output(memory))
         logits = self.enc_class_head(memory)  # (B, S, K)
         boxes_unsig = self.enc_box_head(memory) + proposals  # (B, S, 4), refined proposals
-        topk = logits.max(-1)[0].topk(Q, dim=1)[1]  # (B, Q) by best class score
+        topk = self.top_tokens(logits.max(-1)[0], Q)  # (B, Q) by best class score
         anchors_unsig = boxes_unsig.gather(1, topk[..., None].expand(-1, -1, 4))
         interm = {"pred_logits": logits.gather(1, topk[..., None].expand(-1, -1, logits.shape[-1])),
                   "pred_boxes": anchors_unsig.sigmoid()}
@@ -400,6 +400,11 @@ class DINO(nn.Module):
         # encoder but learned: that is what makes the query selection "mixed" (Sec. 3.4)
         content = self.content_queries.weight[None].expand(B, -1, -1)
         return content, anchors_unsig.detach(), interm
+
+    def top_tokens(self, scores: Tensor, k: int) -> Tensor:
+        """scores (B, S) -> (B, k) the indices of the k best tokens, best first. (export.py's check replaces
+        it, to give PyTorch the tokens a runtime chose among near-tied ones.)"""
+        return scores.topk(k, dim=1)[1]
 
     def forward(self, images: Tensor, mask: Tensor | None = None, targets: list[dict] | None = None) -> dict:
         """images (B, 3, H, W) normalised and zero-padded; mask (B, H, W) True on padding;

@@ -1,6 +1,7 @@
-"""Detections from an exported DINO (export.py) with ONNX Runtime, numpy and Pillow only: no torch.
+"""Detections from an exported DINO (export.py) with ONNX Runtime or OpenVINO, numpy and Pillow only: no torch.
 
     python onnx_detect.py dino.onnx street.jpg [more.jpg photos/ 'shots/**/*.png' ...] [--score-thr 0.3]
+                          [--runtime onnxruntime|openvino]
 
 Images are read as training and eval.py read them (image_io.read_image: EXIF orientation, RGB, 16-bit
 scaled to 8 bits); folders and glob patterns as eval.py --image takes them.
@@ -20,13 +21,60 @@ from PIL import Image
 from image_io import DataError, image_files, read_image, rgb
 
 
-def load(path: str):
-    """An ONNX Runtime session of the exported model, on the CPU."""
-    try:
+RUNTIMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}  # --runtime (the module and the pip package) -> name
+
+
+class Session:
+    """The exported model in one runtime, on the CPU: `session(feed)` -> its outputs as numpy arrays, in the
+    graph's order, then `extra_outputs` (names of intermediate tensors, for export.py's check).
+
+    OpenVINO computes in float32 as exported (its default on CPUs with bf16 units is bf16)."""
+
+    def __init__(self, path: str | Path, runtime: str = "onnxruntime", extra_outputs: tuple[str, ...] = (),
+                 threads: int | None = None):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {sorted(RUNTIMES)}, got {runtime!r}")
+        try:
+            __import__(runtime)
+        except ImportError:
+            sys.exit(f"onnx_detect.py needs {RUNTIMES[runtime]}: pip install {runtime}")
+        self.runtime, self.path = runtime, Path(path)
+        self.run = self._onnxruntime(extra_outputs, threads) if runtime == "onnxruntime" else self._openvino(extra_outputs, threads)
+
+    def _onnxruntime(self, extra_outputs, threads):
         import onnxruntime
-    except ImportError:
-        sys.exit("onnx_detect.py needs ONNX Runtime: pip install onnxruntime")
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
+        if threads:
+            options.intra_op_num_threads = threads
+        model = str(self.path)
+        if extra_outputs:  # ONNX Runtime gives graph outputs only: add them to a copy of the graph
+            import onnx
+            proto = onnx.load(model)
+            proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra_outputs)
+            model = proto.SerializeToString()
+        session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.input_shape = session.get_inputs()[0].shape
+        return lambda feed: session.run(None, feed)
+
+    def _openvino(self, extra_outputs, threads):
+        import openvino
+        core = openvino.Core()
+        model = core.read_model(str(self.path))
+        if extra_outputs:
+            model.add_outputs(list(extra_outputs))
+        self.input_shape = [d.get_length() if d.is_static else "batch" for d in model.inputs[0].get_partial_shape()]
+        config = {"INFERENCE_PRECISION_HINT": "f32"} | ({"INFERENCE_NUM_THREADS": threads} if threads else {})
+        compiled = core.compile_model(model, "CPU", config)
+        return lambda feed: list(compiled(feed).values())
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.run(feed)
+
+
+def load(path: str | Path, runtime: str = "onnxruntime") -> Session:
+    """The exported model in `runtime` (onnxruntime or openvino), on the CPU."""
+    return Session(path, runtime)
 
 
 def letterbox(image: Image.Image, height: int, width: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -41,11 +89,10 @@ def letterbox(image: Image.Image, height: int, width: int) -> tuple[np.ndarray, 
 
 def detect(session, image: Image.Image, score_thr: float = 0.3) -> list[tuple[float, int, list[float]]]:
     """[(score, category id, [x1, y1, x2, y2] in the image's pixels)], best first, score >= score_thr."""
-    _, _, height, width = session.get_inputs()[0].shape  # the export's fixed size (the batch may be named)
+    _, _, height, width = session.input_shape  # the export's fixed size (the batch may be named)
     pixels, valid = letterbox(image, height, width)
-    scores, labels, boxes = session.run(None, {"images": pixels[None],
-                                               "valid_sizes": np.array([valid], dtype=np.int64),
-                                               "orig_sizes": np.array([[image.height, image.width]], dtype=np.int64)})
+    scores, labels, boxes = session({"images": pixels[None], "valid_sizes": np.array([valid], dtype=np.int64),
+                                     "orig_sizes": np.array([[image.height, image.width]], dtype=np.int64)})
     keep = scores[0] >= score_thr
     return [(float(s), int(l), b.tolist()) for s, l, b in zip(scores[0][keep], labels[0][keep], boxes[0][keep])]
 
@@ -55,10 +102,11 @@ def main():
     parser.add_argument("model", help="the .onnx file export.py wrote")
     parser.add_argument("images", nargs="+")
     parser.add_argument("--score-thr", type=float, default=0.3)
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="onnxruntime")
     args = parser.parse_args()
     if not Path(args.model).is_file():
         parser.error(f"model {args.model} does not exist (export.py writes it)")
-    session = load(args.model)
+    session = load(args.model, args.runtime)
     try:
         for path in image_files(args.images, "image"):
             detections = detect(session, read_image(path, None), args.score_thr)

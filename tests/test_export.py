@@ -36,7 +36,8 @@ def exported(tiny_checkpoint):
     """The tiny model exported with a dynamic batch (checked by export.py itself on three images)."""
     path = tiny_checkpoint.with_suffix(".onnx")
     export.main([str(tiny_checkpoint), "--output", str(path), "--height", str(H), "--width", str(W), "--dynamic-batch"])
-    return path, export.check(path, export.Deployable(load_tiny(tiny_checkpoint), 300), H, W, batch=3)
+    return path, export.check(path, export.Deployable(load_tiny(tiny_checkpoint), 300), H, W, batch=3,
+                              runtimes=("onnxruntime", "openvino"))
 
 
 def load_tiny(path):
@@ -65,22 +66,64 @@ def test_the_deployable_detector_is_the_model_on_the_padded_batch():
         assert (boxes[b] >= 0).all() and (boxes[b][:, 0::2] <= w).all() and (boxes[b][:, 1::2] <= h).all()
 
 
-def test_onnx_runtime_gives_pytorchs_detections_for_batch_1_and_a_dynamic_batch_of_3(tiny_checkpoint, exported, capsys):
+def test_both_runtimes_give_pytorchs_detections_for_batch_1_and_a_dynamic_batch_of_3(tiny_checkpoint, exported, capsys):
     path, report = exported
-    assert report[0].startswith("random images: 100.0% of the detections matched within 0.0001"), report
+    assert [line.split(",")[0] for line in report] == ["ONNX Runtime against PyTorch"] * 2 + ["OpenVINO against PyTorch"] * 2
+    for line in report:
+        matched, required = map(int, re.search(r"(\d+) of (\d+) detections matched", line).groups())
+        assert matched == required >= 400, line  # of 3 x 150
     fixed = tiny_checkpoint.with_name("fixed.onnx")
     export.main([str(tiny_checkpoint), "--output", str(fixed), "--height", str(H), "--width", str(W)])
-    assert "generated image: 100.0% of the detections matched" in capsys.readouterr().out
-    import onnxruntime
-    session = onnxruntime.InferenceSession(str(path))
+    assert "OpenVINO against PyTorch, generated image: query selection within" in capsys.readouterr().out
     deployable = export.Deployable(load_tiny(tiny_checkpoint), 300)
-    for batch in (1, 3):
-        inputs = export.random_inputs(batch, H, W, seed=batch)
-        with torch.no_grad():
-            want = [t.numpy() for t in deployable(*inputs)]
-        got = session.run(export.OUTPUTS, {k: v.numpy() for k, v in zip(export.INPUTS, inputs)})
-        diff = compare_detections(got, want, inputs[2], tol=1e-4)
-        assert diff.matched == 1.0 and diff.score <= 1e-4 and diff.box <= 1e-4
+    for runtime in onnx_detect.RUNTIMES:
+        session = onnx_detect.Session(path, runtime)
+        for batch in (1, 3):
+            inputs = export.random_inputs(batch, H, W, seed=batch)
+            with torch.no_grad():
+                want = [t.numpy() for t in deployable(*inputs)]
+            got = session({k: v.numpy() for k, v in zip(export.INPUTS, inputs)})
+            diff = compare_detections(got, want, inputs[2], tol=1e-4)
+            assert diff.matched == 1.0 and diff.score <= 1e-4 and diff.box <= 1e-4, (runtime, diff)
+
+
+@pytest.mark.parametrize("msda, holds, lacks", [("gather", "Gather", "GridSample"), ("grid_sample", "GridSample", None)])
+def test_the_attention_is_exported_as_chosen(tiny_checkpoint, tmp_path, msda, holds, lacks):
+    """--msda gather (the default) leaves no GridSample in the graph, which TensorRT may compile wrongly."""
+    import onnx
+    path = tmp_path / f"{msda}.onnx"
+    export.export(export.Deployable(load_tiny(tiny_checkpoint), 300), path, H, W, 1, False, 17, msda)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert holds in ops and lacks not in ops
+
+
+def test_the_check_resolves_near_ties_as_the_runtime_did_and_catches_a_wrong_choice(tiny_checkpoint):
+    """A runtime that keeps the first token left out instead of the last kept one (a near tie: within the
+    tolerance) agrees; one that keeps a far worse token, or computes other detections, does not."""
+    deployable = export.Deployable(load_tiny(tiny_checkpoint), 300)
+    inputs = export.random_inputs(1, H, W, seed=5)
+    model, seen = deployable.model, []
+    model.top_tokens = lambda scores, k: seen.append(scores) or type(model).top_tokens(model, scores, k)
+    with torch.no_grad():
+        deployable(*inputs)
+    del model.top_tokens
+    scores = seen[0][0]
+    order = scores.argsort(descending=True)
+    Q = deployable.model.cfg.num_queries
+    swapped = torch.cat([order[:Q - 1], order[Q:Q + 1]])  # the (Q+1)-th best in place of the Q-th
+    gap = (scores[order[Q - 1]] - scores[order[Q]]).item()
+
+    def runtime(tokens, nudge=0.0):  # what a runtime that kept `tokens` gives
+        with torch.no_grad(), export.forced_selection(deployable.model, tokens[None], []):
+            out = [t.numpy() for t in deployable(*inputs)]
+        out[2] = out[2] + nudge
+        return out + [tokens[None].numpy()]
+    agrees, report = export.compare_with_ties_resolved(deployable, inputs, runtime(swapped), tol=gap * 1.01 + 1e-7)
+    assert agrees, report
+    assert not export.compare_with_ties_resolved(deployable, inputs, runtime(swapped), tol=gap * 0.5)[0]
+    worse = torch.cat([order[:Q - 1], order[-1:]])  # the worst token of all
+    assert not export.compare_with_ties_resolved(deployable, inputs, runtime(worse), tol=gap * 1.01 + 1e-7)[0]
+    assert not export.compare_with_ties_resolved(deployable, inputs, runtime(order[:Q], nudge=0.5), tol=1e-4)[0]
 
 
 def test_compare_detections_forgives_reordered_ties_not_wrong_boxes():
@@ -143,6 +186,9 @@ def test_missing_onnx_runtime_is_one_line_naming_the_pip_command(tiny_checkpoint
     import onnx_detect
     with pytest.raises(SystemExit, match="onnx_detect.py needs ONNX Runtime: pip install onnxruntime"):
         onnx_detect.load("any.onnx")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(SystemExit, match="onnx_detect.py needs OpenVINO: pip install openvino"):
+        onnx_detect.load("any.onnx", "openvino")
 
 
 def test_the_export_leaves_the_model_in_eval_mode(tiny_checkpoint, tmp_path):
