@@ -5,6 +5,7 @@
     python eval.py CKPT --image a.jpg photos/ "more/*.png"    # detections on any images: files, folders, globs
     python eval.py CKPT --video in.mp4 --output out.mp4       # every frame's detections drawn (PyAV)
     python eval.py CKPT --image huge.jpg --slice 640          # sliced inference (SAHI): small objects in large images
+    python eval.py dino.onnx --data DIR [--runtime openvino]  # the exported file's AP (export.py wrote it)
 
 Prints the COCO box metrics (AP, AP50, AP75, APs, APm, APl and AP per class) and writes them to
 OUTPUT_DIR/metrics.json. CKPT is one of ours (train.py) or an official DINO-4scale release
@@ -31,6 +32,7 @@ from cpu_memory import heap_kept
 from data import CocoDetection, DataError, collate, make_transforms, split_paths
 from inference import Detector, check_options, image_sources, merge_detections
 from model import TooFewTokens, postprocess
+from onnx_detect import RUNTIMES, Session, letterbox
 from precision import amp_autocast, at_least_float32
 from runs import replace_atomically, writable, write_atomically
 from video import VideoReader, VideoWriter
@@ -335,10 +337,47 @@ def evaluate_data(detector: Detector, args: argparse.Namespace, paths: tuple[Pat
         print(f"plots: {', '.join(str(p) for p in written)}")
 
 
+def letterboxed_results(runs: dict, dataset: CocoDetection, size: tuple[int, int]) -> dict[str, list[dict]]:
+    """Each of `runs` (name -> a callable taking the exported graph's inputs as numpy arrays, {"images",
+    "valid_sizes", "orig_sizes"}, and giving its outputs, scores, labels and boxes first) on every image of
+    `dataset`, letterboxed to `size` (height, width) as the exported graph takes them
+    (onnx_detect.letterbox): name -> the COCO results of all images."""
+    results = {name: [] for name in runs}
+    for image_id in with_progress(dataset.ids, 10, evaluating_line(len(dataset.ids))):
+        image, _ = dataset.original(image_id)
+        pixels, valid = letterbox(Image.fromarray(image.permute(1, 2, 0).numpy()), *size)
+        feed = {"images": pixels[None], "valid_sizes": np.array([valid], dtype=np.int64),
+                "orig_sizes": np.array([image.shape[1:]], dtype=np.int64)}
+        for name, run in runs.items():
+            scores, labels, boxes = (torch.from_numpy(np.asarray(t)) for t in run(feed)[:3])
+            found = {"scores": scores[0], "labels": labels[0], "boxes": boxes[0]}
+            results[name] += to_coco_results([found], [{"image_id": image_id}], set(dataset.coco.cats))
+    return results
+
+
+def evaluate_exported(args: argparse.Namespace, paths: tuple[Path, Path], output_dir: Path,
+                      results_path: Path | None):
+    """CKPT is an exported .onnx file: its COCO metrics on --data in --runtime, each image letterboxed to the
+    file's size, printed and written as evaluate_data writes them."""
+    session = Session(args.checkpoint, args.runtime or "onnxruntime")
+    _, _, height, width = session.input_shape
+    dataset = CocoDetection(*paths, make_transforms(train=False))
+    results = letterboxed_results({"file": session}, dataset, (height, width))["file"]
+    metrics = coco_metrics(dataset.coco, results, dataset.ids, args.score_thr)
+    print(f"{args.checkpoint} in {RUNTIMES[session.runtime]}, images letterboxed to {height}x{width}:\n"
+          f"{format_metrics(metrics)}")
+    write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    print(f"wrote {output_dir / 'metrics.json'}")
+    if results_path is not None:
+        write_atomically(results_path, json.dumps(results))
+        print(f"wrote {len(results)} detections of {len(dataset.ids)} images to {results_path}")
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description="Evaluate a DINO checkpoint (ours or official) with pycocotools, "
                                                  "or run it on images and videos.")
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="ours (train.py), an official release, or a .onnx file export.py wrote "
+                        "(then evaluated on --data in --runtime)")
     parser.add_argument("--data", help="dataset folder: COCO (val2017/, annotations/instances_val2017.json), YOLO "
                         "(data.yaml, or the .yaml file) or Pascal VOC (Annotations/, JPEGImages/, ImageSets/Main/val.txt)")
     parser.add_argument("--val-images", help="image folder, with --val-json, for any other layout")
@@ -371,6 +410,8 @@ def main(argv: list[str] | None = None):
                         help="torch.compile the model (a minute or more to start; much faster on GPUs): images "
                              "are padded to a fixed size, and the first batch is checked against eager")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES),
+                        help="the runtime a .onnx file is evaluated in (default onnxruntime)")
     args = parser.parse_args(argv)
     try:
         run(parser, args)
@@ -395,6 +436,18 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
     output_dir = Path(args.output_dir)
     writable(output_dir / "metrics.json", "--output-dir")
     results_path = writable(output_dir / args.save_results, "--save-results") if args.save_results else None
+    if Path(args.checkpoint).suffix == ".onnx":
+        unused = [flag for flag, value in (("--image", args.image), ("--video", args.video), ("--slice", args.slice),
+                                           ("--vis", args.vis), ("--plots", args.plots), ("--amp", args.amp),
+                                           ("--compile", args.compile), ("--scale", args.scale)) if value]
+        if unused:
+            parser.error(f"{unused[0]} is for checkpoints: a .onnx file is evaluated on --data (onnx_detect.py "
+                         f"runs it on images)")
+        if not Path(args.checkpoint).is_file():
+            raise FileNotFoundError(f"{args.checkpoint} does not exist")
+        return evaluate_exported(args, paths, output_dir, results_path)
+    if args.runtime:
+        parser.error("--runtime is for a .onnx file export.py wrote")
     if args.video:
         video_out = writable(Path(args.output or output_dir / f"{Path(args.video).stem}_detections.mp4"), "--output")
         VideoWriter.check_suffix(video_out.suffix, "--output")

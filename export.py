@@ -1,7 +1,7 @@
 """Export a trained DINO to ONNX: the whole detector, from images to post-processed detections.
 
     python export.py CKPT [--output dino.onnx] [--height 800 --width 1333] [--batch N | --dynamic-batch] [--opset 17]
-                          [--msda gather|grid_sample]
+                          [--msda gather|grid_sample] [--check-ap DIR]
 
 CKPT is one of ours or an official DINO-4scale release checkpoint (R50 or Swin-L). The graph takes
     images       (B, 3, H, W) uint8 RGB: each image scaled to fit H x W with its aspect ratio kept, at
@@ -33,12 +33,14 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from checkpoints import model_from_checkpoint
 from config import ConfigError
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError, shapes_image
+from data import IMAGENET_MEAN, IMAGENET_STD, CocoDetection, DataError, make_transforms, shapes_image, split_paths
+from eval import coco_metrics, letterboxed_results
 from inference import Agreement, compare_detections
 from model import select_detections
 from msda_cuda import TRACED_FORMULATIONS, traced_as
@@ -186,6 +188,29 @@ def check(path: Path, deployable: Deployable, height: int, width: int, batch: in
     return lines
 
 
+def check_ap(path: Path, deployable: Deployable, dataset, runtimes: tuple[str, ...], batch: int,
+             most: float = 0.002) -> list[str]:
+    """The AP of the file in each runtime and of PyTorch (`deployable`) on `dataset`, every image letterboxed
+    to the file's size (the same inputs for all); raises Mismatch when a runtime's AP is more than `most`
+    from PyTorch's. A fixed batch of `batch` images gets each image `batch` times."""
+    def batched(run):
+        return lambda feed: [t[:1] for t in run({k: np.repeat(v, batch, 0) for k, v in feed.items()})]
+
+    def pytorch(feed):
+        with torch.no_grad():
+            return [t.numpy() for t in deployable(*(torch.from_numpy(feed[k]) for k in INPUTS))]
+    runs = {"PyTorch": batched(pytorch)} | {RUNTIMES[r]: batched(Session(path, r)) for r in runtimes}
+    _, _, height, width = Session(path, runtimes[0]).input_shape
+    results = letterboxed_results(runs, dataset, (height, width))
+    ap = {name: coco_metrics(dataset.coco, found, dataset.ids)["AP"] for name, found in results.items()}
+    lines = [f"AP on {len(dataset.ids)} validation images letterboxed to {height}x{width}: PyTorch {ap['PyTorch']:.4f}, "
+             + ", ".join(f"{name} {value:.4f} ({value - ap['PyTorch']:+.4f})" for name, value in ap.items() if name != "PyTorch")]
+    off = [name for name, value in ap.items() if abs(value - ap["PyTorch"]) > most]
+    if off:
+        raise Mismatch(f"{' and '.join(off)}: AP more than {most} from PyTorch's\n" + lines[0])
+    return lines
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:4]))
@@ -201,6 +226,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--msda", choices=sorted(TRACED_FORMULATIONS), default="gather",
                         help="the deformable attention as gathers and arithmetic (default) or as GridSample, "
                              "which some TensorRT versions compile wrongly")
+    parser.add_argument("--check-ap", metavar="DIR", help="then evaluate the file (in each runtime) and PyTorch on "
+                        "DIR's validation split (any layout --data takes), the same letterboxed images: their AP "
+                        "must agree within 0.002")
     args = parser.parse_args(argv)
     if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):
         parser.exit(2, "export.py needs ONNX and ONNX Runtime: pip install onnx onnxruntime\n")
@@ -212,6 +240,8 @@ def main(argv: list[str] | None = None):
         if args.opset > MAX_OPSET:
             raise ConfigError(f"--opset must be at most {MAX_OPSET} (torch's TorchScript exporter), got {args.opset}")
         writable(Path(args.output), "--output")
+        dataset = (CocoDetection(*split_paths("val", args.check_ap, None, None), make_transforms(train=False))
+                   if args.check_ap else None)  # a wrong folder stops here, before the export
         model, cfg, _ = model_from_checkpoint(args.checkpoint)
         deployable = Deployable(model, cfg.num_select)
         path = Path(args.output)
@@ -222,6 +252,9 @@ def main(argv: list[str] | None = None):
         runtimes = ("onnxruntime",) + (("openvino",) if importlib.util.find_spec("openvino") else ())
         for line in check(path, deployable, args.height, args.width, checked, runtimes):
             print("  " + line)
+        if dataset is not None:
+            for line in check_ap(path, deployable, dataset, runtimes, 1 if args.dynamic_batch else args.batch):
+                print("  " + line)
     except (ConfigError, DataError, FileNotFoundError, Mismatch) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 

@@ -15,9 +15,13 @@ import export
 import onnx_detect
 from checkpoints import convert_official_state_dict
 from conftest import tiny_dino
+from data import CocoDetection, coco_paths, make_shapes_dataset, make_transforms
+from eval import coco_metrics, letterboxed_results
+from eval import main as eval_main
 from inference import compare_detections
 from model import build_dino, postprocess
 from test_checkpoints import REFERENCE, fake_official_state_dict
+from test_eval import Oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 96, 128  # the tiny model's export size
@@ -261,3 +265,40 @@ def test_export_flags_out_of_range_are_one_line(tiny_checkpoint, tmp_path, capsy
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=1, num_val=4, size=(64, 96))
+
+
+def test_the_exported_files_ap_is_pytorchs_and_a_different_model_is_caught(exported, tiny_checkpoint, shapes):
+    """export.check_ap: the same letterboxed images through PyTorch and both runtimes give the same AP; an
+    oracle of the ground truth (AP 1 through the letterboxing and the COCO conversion) against the tiny
+    export is more than 0.002 apart, and said so."""
+    dataset = CocoDetection(*coco_paths(shapes, "val"), make_transforms(train=False))
+    deployable = export.Deployable(load_tiny(tiny_checkpoint), 300)
+    (line,) = export.check_ap(exported[0], deployable, dataset, ("onnxruntime", "openvino"), batch=1)
+    pytorch, ort, ov = (float(v) for v in re.findall(r"(?:PyTorch|ONNX Runtime|OpenVINO) ([\d.]+)", line))
+    assert pytorch == ort == ov, line
+    oracle = export.Deployable(Oracle(dataset, noise=0.0), 300)
+    with pytest.raises(export.Mismatch, match=r"ONNX Runtime: AP more than 0.002 from PyTorch's\n.*PyTorch 1.0000"):
+        export.check_ap(exported[0], oracle, dataset, ("onnxruntime",), batch=1)
+
+
+def test_eval_evaluates_an_exported_file_in_either_runtime(exported, tiny_checkpoint, shapes, tmp_path, capsys):
+    dataset = CocoDetection(*coco_paths(shapes, "val"), make_transforms(train=False))
+    session = onnx_detect.Session(exported[0])
+    want = coco_metrics(dataset.coco, letterboxed_results({"file": session}, dataset, (H, W))["file"], dataset.ids)
+    for runtime in onnx_detect.RUNTIMES:
+        out = tmp_path / runtime
+        eval_main([str(exported[0]), "--data", str(shapes), "--runtime", runtime, "--output-dir", str(out)])
+        got = json.loads((out / "metrics.json").read_text())
+        assert got["AP"] == pytest.approx(want["AP"], abs=1e-9) and got["AP50"] == pytest.approx(want["AP50"], abs=1e-9)
+    for flags, message in ((["--image", "a.jpg"], "--image is for checkpoints"), (["--amp"], "--amp is for checkpoints")):
+        with pytest.raises(SystemExit):
+            eval_main([str(exported[0]), "--data", str(shapes), "--output-dir", str(tmp_path), *flags])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main([str(tiny_checkpoint), "--data", str(shapes), "--runtime", "openvino", "--output-dir", str(tmp_path)])
+    assert "--runtime is for a .onnx file" in capsys.readouterr().err

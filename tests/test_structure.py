@@ -12,7 +12,8 @@ LAYERS = [  # bottom to top
     {"checkpoints"},
     {"inference"},
     {"plots"},
-    {"eval", "export"},
+    {"eval"},
+    {"export"},
     {"train"},
 ]
 
