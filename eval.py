@@ -32,7 +32,7 @@ from cpu_memory import heap_kept
 from data import CocoDetection, DataError, collate, make_transforms, split_paths
 from inference import Detector, check_options, image_sources, merge_detections
 from model import TooFewTokens, postprocess
-from onnx_detect import RUNTIMES, Session, letterbox
+from onnx_detect import RUNTIMES, Session, graph_inputs
 from precision import amp_autocast, at_least_float32
 from runs import replace_atomically, writable, write_atomically
 from video import VideoReader, VideoWriter
@@ -345,9 +345,7 @@ def letterboxed_results(runs: dict, dataset: CocoDetection, size: tuple[int, int
     results = {name: [] for name in runs}
     for image_id in with_progress(dataset.ids, 10, evaluating_line(len(dataset.ids))):
         image, _ = dataset.original(image_id)
-        pixels, valid = letterbox(Image.fromarray(image.permute(1, 2, 0).numpy()), *size)
-        feed = {"images": pixels[None], "valid_sizes": np.array([valid], dtype=np.int64),
-                "orig_sizes": np.array([image.shape[1:]], dtype=np.int64)}
+        feed = graph_inputs(Image.fromarray(image.permute(1, 2, 0).numpy()), *size)
         for name, run in runs.items():
             scores, labels, boxes = (torch.from_numpy(np.asarray(t)) for t in run(feed)[:3])
             found = {"scores": scores[0], "labels": labels[0], "boxes": boxes[0]}

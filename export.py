@@ -28,7 +28,10 @@ resolved them (`compare_with_ties_resolved`); it exits non-zero if they differ.
 import argparse
 import contextlib
 import importlib.util
+import os
 import random
+import re
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -44,7 +47,8 @@ from eval import coco_metrics, letterboxed_results
 from inference import Agreement, compare_detections
 from model import select_detections
 from msda_cuda import TRACED_FORMULATIONS, traced_as
-from onnx_detect import RUNTIMES, Session, letterbox
+from image_io import image_files, read_image
+from onnx_detect import RUNTIMES, Session, graph_inputs, letterbox
 from runs import replace_atomically, writable
 
 # the newest opset torch's TorchScript-based exporter writes (20 in torch 2.14)
@@ -188,11 +192,54 @@ def check(path: Path, deployable: Deployable, height: int, width: int, batch: in
     return lines
 
 
+# kept float32 by --int8: the scores and the boxes (the class and box heads, the encoder's too: the query
+# selection's top-k and the box regression in inverse-sigmoid space), and where the attention looks and how
+# much (its offsets, and its weights, which read the same input)
+KEPT_FLOAT = ("class_head", "box_head", "sampling_offsets", "attention_weights")
+CALIBRATION_IMAGES = 300
+
+
+def int8_nodes(model) -> list[str]:
+    """The nodes --int8 quantises: every Conv, and every MatMul or Gemm by a constant weight (the linear layers;
+    not the attention's weighted sums of sampled values), except the layers of KEPT_FLOAT. The
+    post-processing has none of these: it stays float32."""
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {name for node in model.graph.node if node.op_type == "Constant" for name in node.output}
+    return [node.name for node in model.graph.node
+            if (node.op_type == "Conv" or node.op_type in ("MatMul", "Gemm") and node.input[1] in constants)
+            and not any(part in node.name for part in KEPT_FLOAT)]
+
+
+def quantize_int8(path: Path, output: Path, images: list[Path]) -> float:
+    """Write an INT8 copy of the exported file `path` for OpenVINO to `output` (.xml, its weights in the .bin
+    beside it): NNCF's post-training quantisation (int8 weights and activations, ranges from the values seen
+    on `images`, letterboxed as the graph takes them, then its fast bias correction) of int8_nodes, every
+    other layer left float32. Returns the seconds it took."""
+    import nncf
+    import onnx
+    import openvino
+    _, _, height, width = Session(path).input_shape
+    model = onnx.load(str(path), load_external_data=False)
+    quantised = set(int8_nodes(model))
+    kept = [re.escape(node.name) + ".*" for node in model.graph.node
+            if node.op_type in ("Conv", "MatMul", "Gemm") and node.name not in quantised]
+    start = time.perf_counter()
+    feeds = nncf.Dataset(images, lambda image: graph_inputs(read_image(image, None), height, width))
+    int8 = nncf.quantize(openvino.Core().read_model(str(path)), feeds, subset_size=len(images),
+                         model_type=nncf.ModelType.TRANSFORMER, ignored_scope=nncf.IgnoredScope(patterns=kept, validate=False))
+    with tempfile.TemporaryDirectory(dir=output.parent) as folder:  # the .bin first: a new .xml never meets an old .bin
+        openvino.save_model(int8, str(Path(folder) / output.name))
+        os.replace(Path(folder) / output.with_suffix(".bin").name, output.with_suffix(".bin"))
+        os.replace(Path(folder) / output.name, output)
+    return time.perf_counter() - start
+
+
 def check_ap(path: Path, deployable: Deployable, dataset, runtimes: tuple[str, ...], batch: int,
-             most: float = 0.002) -> list[str]:
-    """The AP of the file in each runtime and of PyTorch (`deployable`) on `dataset`, every image letterboxed
-    to the file's size (the same inputs for all); raises Mismatch when a runtime's AP is more than `most`
-    from PyTorch's. A fixed batch of `batch` images gets each image `batch` times."""
+             int8: Path | None = None, most: float = 0.002) -> list[str]:
+    """The AP of the file in each runtime, of its `int8` copy in OpenVINO, and of PyTorch (`deployable`)
+    on `dataset`, every image letterboxed to the file's size (the same inputs for all); raises Mismatch
+    when a runtime's AP of the float32 file is more than `most` from PyTorch's (INT8's difference is
+    reported). A fixed batch of `batch` images gets each image `batch` times."""
     def batched(run):
         return lambda feed: [t[:1] for t in run({k: np.repeat(v, batch, 0) for k, v in feed.items()})]
 
@@ -200,15 +247,35 @@ def check_ap(path: Path, deployable: Deployable, dataset, runtimes: tuple[str, .
         with torch.no_grad():
             return [t.numpy() for t in deployable(*(torch.from_numpy(feed[k]) for k in INPUTS))]
     runs = {"PyTorch": batched(pytorch)} | {RUNTIMES[r]: batched(Session(path, r)) for r in runtimes}
+    if int8 is not None:
+        runs["INT8 in OpenVINO"] = Session(int8, "openvino")
     _, _, height, width = Session(path, runtimes[0]).input_shape
     results = letterboxed_results(runs, dataset, (height, width))
     ap = {name: coco_metrics(dataset.coco, found, dataset.ids)["AP"] for name, found in results.items()}
     lines = [f"AP on {len(dataset.ids)} validation images letterboxed to {height}x{width}: PyTorch {ap['PyTorch']:.4f}, "
              + ", ".join(f"{name} {value:.4f} ({value - ap['PyTorch']:+.4f})" for name, value in ap.items() if name != "PyTorch")]
-    off = [name for name, value in ap.items() if abs(value - ap["PyTorch"]) > most]
+    off = [name for name, value in ap.items() if abs(value - ap["PyTorch"]) > most and not name.startswith("INT8")]
     if off:
         raise Mismatch(f"{' and '.join(off)}: AP more than {most} from PyTorch's\n" + lines[0])
     return lines
+
+
+def int8_options(args: argparse.Namespace) -> tuple[Path | None, list[Path]]:
+    """(the INT8 file to write, the calibration images) of --int8 and --calibration, checked; (None, [])
+    without --int8."""
+    if args.calibration and not args.int8:
+        raise ConfigError("--calibration is for --int8")
+    if not args.int8:
+        return None, []
+    if not args.calibration:
+        raise ConfigError("--int8 needs --calibration DIR: a few hundred images like yours, e.g. your validation images")
+    if args.batch > 1:
+        raise ConfigError("--int8 calibrates one image at a time: export with --batch 1 or --dynamic-batch")
+    output = Path(args.output)
+    if any(importlib.util.find_spec(name) is None for name in ("nncf", "openvino")):
+        raise ConfigError("--int8 needs NNCF and OpenVINO: pip install nncf openvino")
+    int8 = writable(output.with_name(output.name.removesuffix(".onnx") + ".int8.xml"), "--output")
+    return int8, image_files([args.calibration], "--calibration")[:CALIBRATION_IMAGES]
 
 
 def main(argv: list[str] | None = None):
@@ -226,6 +293,10 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--msda", choices=sorted(TRACED_FORMULATIONS), default="gather",
                         help="the deformable attention as gathers and arithmetic (default) or as GridSample, "
                              "which some TensorRT versions compile wrongly")
+    parser.add_argument("--int8", action="store_true", help="also write an INT8 copy for OpenVINO, OUTPUT's name "
+                        "ending in .int8.xml (and .bin): NNCF's post-training quantisation, calibrated on --calibration")
+    parser.add_argument("--calibration", metavar="DIR", help=f"--int8: images like yours (a folder or a glob; the first "
+                        f"{CALIBRATION_IMAGES} by name), e.g. your validation images")
     parser.add_argument("--check-ap", metavar="DIR", help="then evaluate the file (in each runtime) and PyTorch on "
                         "DIR's validation split (any layout --data takes), the same letterboxed images: their AP "
                         "must agree within 0.002")
@@ -240,6 +311,7 @@ def main(argv: list[str] | None = None):
         if args.opset > MAX_OPSET:
             raise ConfigError(f"--opset must be at most {MAX_OPSET} (torch's TorchScript exporter), got {args.opset}")
         writable(Path(args.output), "--output")
+        int8, calibration = int8_options(args)
         dataset = (CocoDetection(*split_paths("val", args.check_ap, None, None), make_transforms(train=False))
                    if args.check_ap else None)  # a wrong folder stops here, before the export
         model, cfg, _ = model_from_checkpoint(args.checkpoint)
@@ -252,8 +324,12 @@ def main(argv: list[str] | None = None):
         runtimes = ("onnxruntime",) + (("openvino",) if importlib.util.find_spec("openvino") else ())
         for line in check(path, deployable, args.height, args.width, checked, runtimes):
             print("  " + line)
+        if int8 is not None:
+            seconds = quantize_int8(path, int8, calibration)
+            print(f"wrote {int8} ({int8.stat().st_size / 2 ** 20:.0f} MiB, INT8, calibrated on {len(calibration)} images) "
+                  f"in {seconds:.0f} s")
         if dataset is not None:
-            for line in check_ap(path, deployable, dataset, runtimes, 1 if args.dynamic_batch else args.batch):
+            for line in check_ap(path, deployable, dataset, runtimes, 1 if args.dynamic_batch else args.batch, int8):
                 print("  " + line)
     except (ConfigError, DataError, FileNotFoundError, Mismatch) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -87,12 +87,18 @@ def letterbox(image: Image.Image, height: int, width: int) -> tuple[np.ndarray, 
     return canvas, (h, w)
 
 
+def graph_inputs(image: Image.Image, height: int, width: int) -> dict[str, np.ndarray]:
+    """The exported graph's inputs for one image: {"images": (1, 3, height, width) uint8 letterboxed,
+    "valid_sizes": (1, 2) and "orig_sizes": (1, 2) int64}."""
+    pixels, valid = letterbox(image, height, width)
+    return {"images": pixels[None], "valid_sizes": np.array([valid], dtype=np.int64),
+            "orig_sizes": np.array([[image.height, image.width]], dtype=np.int64)}
+
+
 def detect(session, image: Image.Image, score_thr: float = 0.3) -> list[tuple[float, int, list[float]]]:
     """[(score, category id, [x1, y1, x2, y2] in the image's pixels)], best first, score >= score_thr."""
     _, _, height, width = session.input_shape  # the export's fixed size (the batch may be named)
-    pixels, valid = letterbox(image, height, width)
-    scores, labels, boxes = session({"images": pixels[None], "valid_sizes": np.array([valid], dtype=np.int64),
-                                     "orig_sizes": np.array([[image.height, image.width]], dtype=np.int64)})
+    scores, labels, boxes = session(graph_inputs(image, height, width))[:3]
     keep = scores[0] >= score_thr
     return [(float(s), int(l), b.tolist()) for s, l, b in zip(scores[0][keep], labels[0][keep], boxes[0][keep])]
 

@@ -302,3 +302,54 @@ def test_eval_evaluates_an_exported_file_in_either_runtime(exported, tiny_checkp
     with pytest.raises(SystemExit):
         eval_main([str(tiny_checkpoint), "--data", str(shapes), "--runtime", "openvino", "--output-dir", str(tmp_path)])
     assert "--runtime is for a .onnx file" in capsys.readouterr().err
+
+
+def test_int8_export_runs_end_to_end_and_keeps_scores_and_boxes_float(tiny_checkpoint, shapes, tmp_path, capsys):
+    """--int8: NNCF's INT8 copy for OpenVINO, calibrated on the shapes' images, whose convolutions and linear
+    layers read int8 (FakeQuantize) inputs except the class and box heads and the attention's offsets and
+    weights; its AP is reported beside PyTorch's."""
+    import openvino
+    output = tmp_path / "tiny.onnx"
+    export.main([str(tiny_checkpoint), "--output", str(output), "--height", str(H), "--width", str(W), "--int8",
+                 "--calibration", str(shapes / "val2017"), "--check-ap", str(shapes)])
+    out = capsys.readouterr().out
+    assert re.search(r"wrote .*tiny\.int8\.xml \(\d+ MiB, INT8, calibrated on 4 images\)", out), out
+    assert re.search(r"INT8 in OpenVINO [\d.]+ \([+-][\d.]+\)", out), out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.int8.bin", "tiny.int8.xml", "tiny.onnx"]
+    layers = [op for op in openvino.Core().read_model(str(tmp_path / "tiny.int8.xml")).get_ordered_ops()
+              if op.get_type_name() in ("Convolution", "MatMul")]
+    quantised = {op.get_friendly_name() for op in layers
+                 if any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size()))}
+    kept = {op.get_friendly_name() for op in layers if any(part in op.get_friendly_name() for part in export.KEPT_FLOAT)}
+    assert kept and not kept & quantised, kept & quantised
+    assert any("backbone" in name for name in quantised) and any("ffn" in name for name in quantised)
+    session = onnx_detect.Session(tmp_path / "tiny.int8.xml", "openvino")
+    scores, labels, boxes = session(export_feed(export.generated_inputs(1, H, W)))
+    assert scores.dtype == np.float32 and boxes.shape == (1, 150, 4) and np.isfinite(boxes).all()  # 30 queries x 5
+
+
+def export_feed(inputs):
+    return {k: v.numpy() for k, v in zip(export.INPUTS, inputs)}
+
+
+@pytest.mark.parametrize("flags, message", [(["--int8"], "--int8 needs --calibration DIR"),
+                                            (["--calibration", "x"], "--calibration is for --int8"),
+                                            (["--int8", "--calibration", "EMPTY"], "--calibration EMPTY: no image files there"),
+                                            (["--int8", "--calibration", "x", "--batch", "2"], "--int8 calibrates one image at a time")])
+def test_int8_flags_are_checked_before_the_export(tiny_checkpoint, tmp_path, capsys, flags, message):
+    (tmp_path / "EMPTY").mkdir()
+    flags = [str(tmp_path / "EMPTY") if f == "EMPTY" else f for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(tiny_checkpoint), "--output", str(tmp_path / "x.onnx"), *flags])
+    err = capsys.readouterr().err.replace(str(tmp_path / "EMPTY"), "EMPTY")
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_int8_without_nncf_is_one_line_naming_the_pip_command(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    with pytest.raises(SystemExit):
+        export.main([str(tiny_checkpoint), "--output", str(tmp_path / "x.onnx"), "--int8", "--calibration", str(tmp_path)])
+    assert "--int8 needs NNCF and OpenVINO: pip install nncf openvino" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
