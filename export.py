@@ -28,6 +28,7 @@ resolved them (`compare_with_ties_resolved`); it exits non-zero if they differ.
 import argparse
 import contextlib
 import importlib.util
+import logging
 import os
 import random
 import re
@@ -223,6 +224,7 @@ def quantize_int8(path: Path, output: Path, images: list[Path]) -> float:
     quantised = set(int8_nodes(model))
     kept = [re.escape(node.name) + ".*" for node in model.graph.node
             if node.op_type in ("Conv", "MatMul", "Gemm") and node.name not in quantised]
+    nncf.set_log_level(logging.WARNING)  # not a line per layer it leaves float
     start = time.perf_counter()
     feeds = nncf.Dataset(images, lambda image: graph_inputs(read_image(image, None), height, width))
     int8 = nncf.quantize(openvino.Core().read_model(str(path)), feeds, subset_size=len(images),
@@ -278,6 +280,21 @@ def int8_options(args: argparse.Namespace) -> tuple[Path | None, list[Path]]:
     return int8, image_files([args.calibration], "--calibration")[:CALIBRATION_IMAGES]
 
 
+def checked_flags(args: argparse.Namespace) -> tuple[Path | None, list[Path], CocoDetection | None]:
+    """Every flag checked before the export: (the INT8 file, its calibration images, --check-ap's dataset)."""
+    for flag, value, least in (("--height", args.height, 32), ("--width", args.width, 32), ("--batch", args.batch, 1),
+                               ("--opset", args.opset, 17)):
+        if value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    if args.opset > MAX_OPSET:
+        raise ConfigError(f"--opset must be at most {MAX_OPSET} (torch's TorchScript exporter), got {args.opset}")
+    writable(Path(args.output), "--output")
+    int8, calibration = int8_options(args)
+    dataset = (CocoDetection(*split_paths("val", args.check_ap, None, None), make_transforms(train=False))
+               if args.check_ap else None)
+    return int8, calibration, dataset
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:4]))
@@ -304,16 +321,7 @@ def main(argv: list[str] | None = None):
     if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):
         parser.exit(2, "export.py needs ONNX and ONNX Runtime: pip install onnx onnxruntime\n")
     try:
-        for flag, value, least in (("--height", args.height, 32), ("--width", args.width, 32), ("--batch", args.batch, 1),
-                                   ("--opset", args.opset, 17)):
-            if value < least:
-                raise ConfigError(f"{flag} must be >= {least}, got {value}")
-        if args.opset > MAX_OPSET:
-            raise ConfigError(f"--opset must be at most {MAX_OPSET} (torch's TorchScript exporter), got {args.opset}")
-        writable(Path(args.output), "--output")
-        int8, calibration = int8_options(args)
-        dataset = (CocoDetection(*split_paths("val", args.check_ap, None, None), make_transforms(train=False))
-                   if args.check_ap else None)  # a wrong folder stops here, before the export
+        int8, calibration, dataset = checked_flags(args)
         model, cfg, _ = model_from_checkpoint(args.checkpoint)
         deployable = Deployable(model, cfg.num_select)
         path = Path(args.output)

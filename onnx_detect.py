@@ -105,13 +105,15 @@ def detect(session, image: Image.Image, score_thr: float = 0.3) -> list[tuple[fl
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="the .onnx file export.py wrote")
+    parser.add_argument("model", help="the .onnx file export.py wrote (or its --int8 .xml, with --runtime openvino)")
     parser.add_argument("images", nargs="+")
     parser.add_argument("--score-thr", type=float, default=0.3)
     parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="onnxruntime")
     args = parser.parse_args()
     if not Path(args.model).is_file():
         parser.error(f"model {args.model} does not exist (export.py writes it)")
+    if Path(args.model).suffix == ".xml" and args.runtime != "openvino":
+        parser.error(f"model {args.model} is an OpenVINO file: add --runtime openvino")
     session = load(args.model, args.runtime)
     try:
         for path in image_files(args.images, "image"):

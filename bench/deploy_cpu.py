@@ -6,15 +6,14 @@
   ONNX Runtime, grid  the file exported with --msda grid_sample
   OpenVINO            the gather file in float32 (onnx_detect.Session), and at OpenVINO's own default
                       precision (bf16 where the CPU has bf16 instructions, else float32)
-  INT8                export.py --int8's copy in ONNX Runtime; and, where NNCF is installed, NNCF's
-                      post-training quantisation of the same file for OpenVINO (the alternative measured)
+  INT8 OpenVINO       export.py --int8's copy (NNCF) in OpenVINO
 
 Usage: python bench/deploy_cpu.py [--height 800 --width 1333] [--rounds 3] [--profile]
                                   [--checkpoint demo_output/best.pth --data demo_output/data --ap-size 200 333]
 Speed: R50 with random weights (a trained one costs the same), a generated picture letterboxed, batch 1,
 2 threads everywhere (idle threads do not spin); one warm-up of each path, then --rounds rounds of all
 paths in turn; prints each path's median and its median ratio to eager float32 over the rounds. INT8 is
-calibrated on 8 generated pictures (its speed does not depend on them). --profile adds ONNX Runtime's
+calibrated on 2 generated pictures (its speed does not depend on them). --profile adds ONNX Runtime's
 time per operator type. AP (with --checkpoint and --data): the same paths on that checkpoint, exported
 at --ap-size, INT8 calibrated on the first 300 validation images, every validation image letterboxed.
 """
@@ -36,8 +35,7 @@ from cpu_memory import heap_kept  # noqa: E402
 from data import CocoDetection, make_transforms, shapes_image, split_paths  # noqa: E402
 from eval import coco_metrics, letterboxed_results  # noqa: E402
 from model import build_dino  # noqa: E402
-from image_io import read_image  # noqa: E402
-from onnx_detect import Session, graph_inputs  # noqa: E402
+from onnx_detect import Session  # noqa: E402
 from precision import amp_autocast  # noqa: E402
 
 THREADS = 2
@@ -45,7 +43,7 @@ THREADS = 2
 
 def eager(deployable, amp: bool):
     def run(feed):
-        with heap_kept(), torch.inference_mode(), amp_autocast(torch.device("cpu"), amp):
+        with heap_kept(torch.device("cpu")), torch.inference_mode(), amp_autocast(torch.device("cpu"), amp):
             return [t.float().numpy() if t.is_floating_point() else t.numpy()
                     for t in deployable(*(torch.from_numpy(feed[k]) for k in export.INPUTS))]
     return run
@@ -58,41 +56,20 @@ def openvino_default(path: Path):
     return lambda feed: list(compiled(feed).values())
 
 
-def nncf_int8(path: Path, feeds: list[dict]):
-    """NNCF's post-training quantisation of the file for OpenVINO, the layers of export.KEPT_FLOAT kept
-    float, calibrated on `feeds`; None where NNCF is not installed."""
-    try:
-        import nncf
-        import openvino
-    except ImportError:
-        print("(NNCF not installed: pip install nncf for its INT8 path)")
-        return None
-    core = openvino.Core()
-    ignored = nncf.IgnoredScope(patterns=[f".*{part}.*" for part in export.KEPT_FLOAT], validate=False)
-    model = nncf.quantize(core.read_model(str(path)), nncf.Dataset(feeds), subset_size=len(feeds),
-                          ignored_scope=ignored, model_type=nncf.ModelType.TRANSFORMER)
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": THREADS})
-    return lambda feed: list(compiled(feed).values())
-
-
 def paths(deployable, folder: Path, height: int, width: int, calibration: list[Path], grid: bool) -> dict:
     """name -> a callable on the graph's inputs, for every path of the module docstring."""
     files = {msda: folder / f"{msda}.onnx" for msda in (("gather", "grid_sample") if grid else ("gather",))}
     for msda, path in files.items():
         print(f"export ({msda}): {export.export(deployable, path, height, width, 1, False, 17, msda):.0f} s", flush=True)
-    print(f"INT8 (ONNX Runtime): {export.quantize_int8(files['gather'], folder / 'int8.onnx', calibration):.0f} s", flush=True)
-    feeds = [graph_inputs(read_image(p, None), height, width) for p in calibration]
-    start = time.perf_counter()
-    nncf = nncf_int8(files["gather"], feeds)
-    print(f"INT8 (NNCF): {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"INT8 (NNCF): {export.quantize_int8(files['gather'], folder / 'int8.xml', calibration):.0f} s", flush=True)
     runs = {"eager float32": eager(deployable, False), "eager bf16": eager(deployable, True),
             "ONNX Runtime": Session(files["gather"], threads=THREADS)}
     if grid:
         runs["ONNX Runtime, grid"] = Session(files["grid_sample"], threads=THREADS)
     runs |= {"OpenVINO float32": Session(files["gather"], "openvino", threads=THREADS),
              "OpenVINO default": openvino_default(files["gather"]),
-             "INT8 ONNX Runtime": Session(folder / "int8.onnx", threads=THREADS)}
-    return runs | ({"INT8 NNCF OpenVINO": nncf} if nncf else {})
+             "INT8 OpenVINO": Session(folder / "int8.xml", "openvino", threads=THREADS)}
+    return runs
 
 
 def speed(args):
@@ -100,7 +77,7 @@ def speed(args):
     deployable = export.Deployable(build_dino("r50"), 300)
     with tempfile.TemporaryDirectory() as folder:
         calibration = []
-        for i in range(8):
+        for i in range(2):
             calibration.append(Path(folder) / f"{i}.jpg")
             shapes_image(random.Random(i), 560, 420)[0].save(calibration[-1])
         runs = paths(deployable, Path(folder), args.height, args.width, calibration, grid=True)
@@ -123,21 +100,29 @@ def speed(args):
 
 
 def profile(path: Path, feed: dict):
-    """ONNX Runtime's time per operator type on one run of the file."""
+    """ONNX Runtime's and OpenVINO's (float32) time per operator type on one run of the file."""
     import json
     from collections import Counter
     import onnxruntime
+    import openvino
     options = onnxruntime.SessionOptions()
     options.enable_profiling, options.intra_op_num_threads = True, THREADS
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     session.run(None, feed)
-    per_op = Counter()
+    per_op = {"ONNX Runtime": Counter(), "OpenVINO": Counter()}
     for event in json.loads(Path(session.end_profiling()).read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"] / 1e6
-    total = sum(per_op.values())
-    print("\nONNX Runtime, time per operator type (profiled run): " + ", ".join(
-        f"{op} {100 * t / total:.0f}%" for op, t in per_op.most_common(8)))
+            per_op["ONNX Runtime"][event["args"]["op_name"]] += event["dur"] / 1e6
+    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True,
+                                                                "INFERENCE_NUM_THREADS": THREADS})
+    request = compiled.create_infer_request()
+    request.infer(feed)
+    for info in request.profiling_info:
+        per_op["OpenVINO"][info.node_type] += info.real_time.total_seconds()
+    for runtime, seconds in per_op.items():
+        total = sum(seconds.values())
+        print(f"\n{runtime}, time per operator type (one run, {total:.1f} s): " + ", ".join(
+            f"{op} {100 * t / total:.0f}%" for op, t in seconds.most_common(8)))
 
 
 def accuracy(args):

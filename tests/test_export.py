@@ -160,7 +160,7 @@ sys.modules["torch"] = None  # any import of torch fails
 sys.path.insert(0, {root!r})
 from PIL import Image
 import onnx_detect
-session = onnx_detect.load({model!r})
+session = onnx_detect.Session({model!r}, "openvino")
 print(onnx_detect.detect(session, Image.open({image!r}), score_thr=0.0)[:3])
 sys.argv = ["onnx_detect.py", {model!r}, {image!r}, "--score-thr", "0"]
 onnx_detect.main()
@@ -255,6 +255,12 @@ def test_onnx_detect_takes_folders_and_globs_and_names_a_bad_image_in_one_line(e
         assert re.search(message, result.stderr), result.stderr
     result = onnx_detect_run(tmp_path / "none.onnx", tmp_path / "a.png")
     assert result.returncode == 2 and "model " in result.stderr and "does not exist" in result.stderr
+    by_runtime = [onnx_detect_run(exported[0], tmp_path / "a.png", "--runtime", runtime).stdout
+                  for runtime in ("onnxruntime", "openvino")]
+    assert by_runtime[0].splitlines()[0] == by_runtime[1].splitlines()[0]  # as many detections >= 0.5
+    (tmp_path / "m.xml").write_text("<net/>")
+    result = onnx_detect_run(tmp_path / "m.xml", tmp_path / "a.png")
+    assert result.returncode == 2 and "is an OpenVINO file: add --runtime openvino" in result.stderr
 
 
 @pytest.mark.parametrize("flags, message", [(["--opset", "99"], "--opset must be at most 20"),
