@@ -107,6 +107,7 @@ def profile(path: Path, feed: dict):
     import openvino
     options = onnxruntime.SessionOptions()
     options.enable_profiling, options.intra_op_num_threads = True, THREADS
+    options.profile_file_prefix = str(path.with_name("profile"))  # in the benchmark's temporary folder
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     session.run(None, feed)
     per_op = {"ONNX Runtime": Counter(), "OpenVINO": Counter()}
