@@ -1,7 +1,7 @@
 """Export a trained DINO to ONNX: the whole detector, from images to post-processed detections.
 
     python export.py CKPT [--output dino.onnx] [--height 800 --width 1333] [--batch N | --dynamic-batch] [--opset 17]
-                          [--msda gather|grid_sample] [--check-ap DIR]
+                          [--msda gather|grid_sample] [--check-ap DIR] [--int8 --calibration DIR]
 
 CKPT is one of ours or an official DINO-4scale release checkpoint (R50 or Swin-L). The graph takes
     images       (B, 3, H, W) uint8 RGB: each image scaled to fit H x W with its aspect ratio kept, at
@@ -23,7 +23,8 @@ compile wrongly: NVIDIA/TensorRT#4813), or with --msda grid_sample as the refere
 ONNX GridSample, opset 16 on).
 After writing the file, export.py runs it in ONNX Runtime, and in OpenVINO where it is installed, on
 random images and on a generated one, and compares with PyTorch, near ties resolved as the runtime
-resolved them (`compare_with_ties_resolved`); it exits non-zero if they differ.
+resolved them (`compare_with_ties_resolved`); it exits non-zero if they differ. --check-ap DIR then
+compares their AP on DIR's validation images; --int8 writes an INT8 copy for OpenVINO (NNCF).
 """
 import argparse
 import contextlib
@@ -45,10 +46,10 @@ from checkpoints import model_from_checkpoint
 from config import ConfigError
 from data import IMAGENET_MEAN, IMAGENET_STD, CocoDetection, DataError, make_transforms, shapes_image, split_paths
 from eval import coco_metrics, letterboxed_results
+from image_io import image_files, read_image
 from inference import Agreement, compare_detections
 from model import select_detections
 from msda_cuda import TRACED_FORMULATIONS, traced_as
-from image_io import image_files, read_image
 from onnx_detect import RUNTIMES, Session, graph_inputs, letterbox
 from runs import replace_atomically, writable
 
