@@ -306,6 +306,15 @@ def detect_video(detector: Detector, args: argparse.Namespace, output: Path, res
         print(f"wrote the detections of {len(lines)} frames to {results_path}")
 
 
+def write_evaluation(metrics: dict, results: list[dict], image_count: int, output_dir: Path, results_path: Path | None):
+    """OUTPUT_DIR/metrics.json, and with --save-results the COCO results (an absolute FILE replaces output_dir)."""
+    write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    print(f"wrote {output_dir / 'metrics.json'}")
+    if results_path is not None:
+        write_atomically(results_path, json.dumps(results))
+        print(f"wrote {len(results)} detections of {image_count} images to {results_path}")
+
+
 def evaluate_data(detector: Detector, args: argparse.Namespace, paths: tuple[Path, Path], output_dir: Path,
                   results_path: Path | None):
     """--data (or --val-images, --val-json): COCO metrics printed and written to OUTPUT_DIR/metrics.json;
@@ -325,11 +334,7 @@ def evaluate_data(detector: Detector, args: argparse.Namespace, paths: tuple[Pat
     print(format_metrics(metrics))
     if args.slice:
         metrics["whole_image"] = whole_metrics
-    write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
-    print(f"wrote {output_dir / 'metrics.json'}")
-    if results_path is not None:  # (an absolute FILE replaces output_dir)
-        write_atomically(results_path, json.dumps(results))
-        print(f"wrote {len(results)} detections of {len(image_ids)} images to {results_path}")
+    write_evaluation(metrics, results, len(image_ids), output_dir, results_path)
     if args.vis:
         save_pictures(detector, dataset, args.vis, args.score_thr, output_dir / "vis")
     if args.plots:
@@ -364,11 +369,7 @@ def evaluate_exported(args: argparse.Namespace, paths: tuple[Path, Path], output
     metrics = coco_metrics(dataset.coco, results, dataset.ids, args.score_thr)
     print(f"{args.checkpoint} in {RUNTIMES[session.runtime]}, images letterboxed to {height}x{width}:\n"
           f"{format_metrics(metrics)}")
-    write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
-    print(f"wrote {output_dir / 'metrics.json'}")
-    if results_path is not None:
-        write_atomically(results_path, json.dumps(results))
-        print(f"wrote {len(results)} detections of {len(dataset.ids)} images to {results_path}")
+    write_evaluation(metrics, results, len(dataset.ids), output_dir, results_path)
 
 
 def main(argv: list[str] | None = None):

@@ -220,8 +220,8 @@ def quantize_int8(path: Path, output: Path, images: list[Path]) -> float:
     import nncf
     import onnx
     import openvino
-    _, _, height, width = Session(path).input_shape
     model = onnx.load(str(path), load_external_data=False)
+    _, _, height, width = (d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)  # "images"
     quantised = set(int8_nodes(model))
     kept = [re.escape(node.name) + ".*" for node in model.graph.node
             if node.op_type in ("Conv", "MatMul", "Gemm") and node.name not in quantised]
@@ -249,10 +249,11 @@ def check_ap(path: Path, deployable: Deployable, dataset, runtimes: tuple[str, .
     def pytorch(feed):
         with torch.no_grad():
             return [t.numpy() for t in deployable(*(torch.from_numpy(feed[k]) for k in INPUTS))]
-    runs = {"PyTorch": batched(pytorch)} | {RUNTIMES[r]: batched(Session(path, r)) for r in runtimes}
+    sessions = {RUNTIMES[r]: Session(path, r) for r in runtimes}
+    runs = {"PyTorch": batched(pytorch)} | {name: batched(session) for name, session in sessions.items()}
     if int8 is not None:
         runs["INT8 in OpenVINO"] = Session(int8, "openvino")
-    _, _, height, width = Session(path, runtimes[0]).input_shape
+    _, _, height, width = next(iter(sessions.values())).input_shape
     results = letterboxed_results(runs, dataset, (height, width))
     ap = {name: coco_metrics(dataset.coco, found, dataset.ids)["AP"] for name, found in results.items()}
     lines = [f"AP on {len(dataset.ids)} validation images letterboxed to {height}x{width}: PyTorch {ap['PyTorch']:.4f}, "

@@ -72,11 +72,6 @@ class Session:
         return self.run(feed)
 
 
-def load(path: str | Path, runtime: str = "onnxruntime") -> Session:
-    """The exported model in `runtime` (onnxruntime or openvino), on the CPU."""
-    return Session(path, runtime)
-
-
 def letterbox(image: Image.Image, height: int, width: int) -> tuple[np.ndarray, tuple[int, int]]:
     """`image` scaled to fit height x width with its aspect ratio kept, at the top left of a zero canvas:
     (3, height, width) uint8 RGB, and the (height, width) it fills."""
@@ -114,7 +109,7 @@ def main():
         parser.error(f"model {args.model} does not exist (export.py writes it)")
     if Path(args.model).suffix == ".xml" and args.runtime != "openvino":
         parser.error(f"model {args.model} is an OpenVINO file: add --runtime openvino")
-    session = load(args.model, args.runtime)
+    session = Session(args.model, args.runtime)
     try:
         for path in image_files(args.images, "image"):
             detections = detect(session, read_image(path, None), args.score_thr)

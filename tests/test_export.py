@@ -189,10 +189,10 @@ def test_missing_onnx_runtime_is_one_line_naming_the_pip_command(tiny_checkpoint
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     import onnx_detect
     with pytest.raises(SystemExit, match="onnx_detect.py needs ONNX Runtime: pip install onnxruntime"):
-        onnx_detect.load("any.onnx")
+        onnx_detect.Session("any.onnx")
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(SystemExit, match="onnx_detect.py needs OpenVINO: pip install openvino"):
-        onnx_detect.load("any.onnx", "openvino")
+        onnx_detect.Session("any.onnx", "openvino")
 
 
 def test_the_export_leaves_the_model_in_eval_mode(tiny_checkpoint, tmp_path):
