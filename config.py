@@ -55,6 +55,7 @@ class Config:
     lr_drop: int = 90                   # the lr is multiplied by 0.1 after this many epochs
     scale: float = 1.0                  # image sizes x scale (Swin-L fine-tuning: 1.5)
     amp: bool = False                   # mixed precision: bf16 where the GPU supports it, else fp16
+    compile: bool = False               # torch.compile the training step, on batches of fixed shapes (static_shapes.py)
     ema: bool = False                   # evaluate and keep an exponential moving average of the weights
     ema_decay: float = 0.9997
     eval_every: int = 1                 # epochs between evaluations on the validation set
@@ -77,7 +78,7 @@ ARCHITECTURE = ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", 
 # how it loads and recomputes. Every other field would make the run another one (the architecture, the
 # batch size: samples already trained or never trained, the augmentation, the objective, the seed).
 CHANGEABLE_ON_RESUME = ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "epochs", "lr_drop", "eval_every", "patience",
-                        "num_select", "num_workers", "backbone_checkpointing", "encoder_checkpointing",
+                        "num_select", "num_workers", "compile", "backbone_checkpointing", "encoder_checkpointing",
                         "decoder_checkpointing")
 ACTIVATIONS = ("relu", "gelu")
 positive, non_negative = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")

@@ -269,13 +269,16 @@ def eval_canvas(scale: float = 1.0) -> tuple[int, int]:
     return int(round(800 * scale)), int(round(1333 * scale))
 
 
-def collate(batch: list[tuple[Tensor, dict]], canvas: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, list[dict]]:
-    """Zero-pad the images to the batch's largest height and width (no further), or, given a canvas
+def collate(batch: list[tuple[Tensor, dict]], canvas: tuple[int, int] | None = None,
+            multiple: int = 1) -> tuple[Tensor, Tensor, list[dict]]:
+    """Zero-pad the images to the batch's largest height and width, each rounded up to a multiple of
+    `multiple` (a compiled training step's size buckets, static_shapes.py); or, given a canvas
     (shorter, longer) side, to one of three fixed sizes, as compiled inference wants: (shorter, longer)
     when every image is landscape, (longer, shorter) when every one is portrait, else (longer, longer).
     Returns images (B, 3, H, W), mask (B, H, W) True on padding, targets."""
     images, targets = zip(*batch)
     H, W = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    H, W = -(-H // multiple) * multiple, -(-W // multiple) * multiple
     if canvas is not None:
         short, long = canvas
         landscape = all(i.shape[1] <= i.shape[2] for i in images)

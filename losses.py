@@ -13,62 +13,87 @@ The same L is applied to
 - the denoising queries of every layer ("_dn", "_dn_0", ...), with their known assignment: a positive
   query reconstructs its object; negatives and padding queries get no object and so learn "no
   object" through the class term alone (Sec. 3.3). Normalised by the number of objects times groups.
-Differs from official DINO: no logging-only terms (class_error, cardinality), and the DN terms are
-present only when denoising queries were built. With the same predictions, every term equals the
-official criterion's (to 4e-16 in float64).
+The terms are computed for all sets at once, on dense tensors (every query of every set, with a mask of the
+matched ones): a few dozen operators however many sets and images, and the same shapes every step,
+which a compiled training step needs (static_shapes.py); `Criterion(cfg)` compiles them under --compile.
+Differs from official DINO: no logging-only terms (class_error, cardinality). With the same predictions,
+every term equals the official criterion's (to 4e-16 in float64).
 """
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import box_area, box_convert, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from config import Config, make_config
-from matcher import hungarian_match_sets
+from matcher import hungarian_assign, matching_costs
 from precision import at_least_float32
+from static_shapes import PaddedTargets, pad_targets, target_slots
+
+TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
 
 def giou_loss(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, eps: float = 1e-6) -> Tensor:
-    """1 - GIoU of each row of boxes1_xyxy (N, 4) with the same row of boxes2_xyxy (N, 4) -> (N,); GIoU as
-    official DINO: eps in both denominators, IoU = I / (U + eps), GIoU = IoU - (E - U) / (E + eps), E the
-    enclosing box's area. Row by row, not the diagonal of an (N, N) matrix; and not torchvision's
+    """1 - GIoU of each box of boxes1_xyxy (..., 4) with the same box of boxes2_xyxy (..., 4) -> (...); GIoU
+    as official DINO: eps in both denominators, IoU = I / (U + eps), GIoU = IoU - (E - U) / (E + eps), E
+    the enclosing box's area. Box by box, not the diagonal of an (N, N) matrix; and not torchvision's
     generalized_box_iou_loss, which computes this formula but indexes with a boolean mask: a wait for
-    the GPU in every call, 14 per training step."""
-    lt, rb = torch.max(boxes1_xyxy[:, :2], boxes2_xyxy[:, :2]), torch.min(boxes1_xyxy[:, 2:], boxes2_xyxy[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    union = box_area(boxes1_xyxy) + box_area(boxes2_xyxy) - inter
+    the GPU in every call."""
+    def area(wh):
+        return wh[..., 0] * wh[..., 1]
+    inter = area((torch.min(boxes1_xyxy[..., 2:], boxes2_xyxy[..., 2:])
+                  - torch.max(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])).clamp(min=0))
+    union = area(boxes1_xyxy[..., 2:] - boxes1_xyxy[..., :2]) + area(boxes2_xyxy[..., 2:] - boxes2_xyxy[..., :2]) - inter
     iou = inter / (union + eps)
-    wh = (torch.max(boxes1_xyxy[:, 2:], boxes2_xyxy[:, 2:]) - torch.min(boxes1_xyxy[:, :2], boxes2_xyxy[:, :2])).clamp(min=0)
-    enclosing = wh[:, 0] * wh[:, 1]
+    enclosing = area((torch.max(boxes1_xyxy[..., 2:], boxes2_xyxy[..., 2:])
+                      - torch.min(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])).clamp(min=0))
     return 1 - (iou - (enclosing - union) / (enclosing + eps))
 
 
-def set_loss(logits: Tensor, boxes_cxcywh: Tensor, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
-             num_boxes: float | Tensor, alpha: float = Config.focal_alpha,
-             gamma: float = Config.focal_gamma) -> dict[str, Tensor]:
-    """logits (B, Q, K), boxes_cxcywh (B, Q, 4); indices per image (query_idx, target_idx).
-    Returns the unweighted terms {"loss_ce", "loss_bbox", "loss_giou"}, computed in float32 at least."""
-    logits, boxes_cxcywh = at_least_float32(logits), at_least_float32(boxes_cxcywh)  # precision.py
-    batch = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
-    query = torch.cat([q for q, _ in indices])
-    target_classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
-    onehot = torch.zeros_like(logits)
-    onehot[batch, query, target_classes] = 1.0
-    loss_ce = sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum") / num_boxes
+def set_losses(logits: Tensor, boxes_cxcywh: Tensor, targets: PaddedTargets, assigned: Tensor,
+               num_boxes: Tensor, trained: Tensor | None = None, alpha: float = Config.focal_alpha,
+               gamma: float = Config.focal_gamma) -> Tensor:
+    """The unweighted terms of S sets of predictions of the same images.
 
-    src = boxes_cxcywh[batch, query]  # (N, 4)
-    tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)
-    loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
-    loss_giou = giou_loss(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy")).sum() / num_boxes
-    return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+    logits (S, B, Q, K), boxes_cxcywh (S, B, Q, 4); targets: labels (B, G), boxes (B, G, 4); assigned
+    (S, B, Q) int64, the object slot of each query or -1; num_boxes () the normaliser; trained (Q,)
+    bool, the queries the class term reads (None: all). Returns (S, 3): loss_ce, loss_bbox, loss_giou
+    of each set, in float32 at least.
+    """
+    logits, boxes_cxcywh = at_least_float32(logits), at_least_float32(boxes_cxcywh)  # precision.py
+    S, B, Q, K = logits.shape
+    matched = assigned >= 0  # (S, B, Q)
+    slot = assigned.clamp(min=0)
+    labels = targets.labels[None].expand(S, -1, -1).gather(2, slot)  # (S, B, Q)
+    onehot = F.one_hot(labels, K).to(logits.dtype) * matched[..., None]  # "no object" for the unmatched
+    focal = sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma)  # (S, B, Q, K)
+    if trained is not None:
+        focal = focal * trained[:, None]
+    target_boxes = targets.boxes.to(boxes_cxcywh.dtype)[None].expand(S, -1, -1, -1).gather(
+        2, slot[..., None].expand(-1, -1, -1, 4))  # (S, B, Q, 4)
+    l1 = torch.where(matched[..., None], (boxes_cxcywh - target_boxes).abs(), 0.0)
+    giou = torch.where(matched, giou_loss(box_convert(boxes_cxcywh, "cxcywh", "xyxy"),
+                                          box_convert(target_boxes, "cxcywh", "xyxy")), 0.0)
+    return torch.stack([focal.sum((1, 2, 3)), l1.sum((1, 2, 3)), giou.sum((1, 2))], -1) / num_boxes
+
+
+def matched_sets(outputs: dict) -> list[tuple[str, dict]]:
+    """(suffix, predictions) of every set supervised through Hungarian matching."""
+    return ([("", outputs), ("_interm", outputs["interm_outputs"])]
+            + [(f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])])
+
+
+def stacked(sets: list[tuple[str, dict]]) -> tuple[Tensor, Tensor]:
+    """(S, B, Q, K) logits and (S, B, Q, 4) boxes of S sets of predictions."""
+    return torch.stack([out["pred_logits"] for _, out in sets]), torch.stack([out["pred_boxes"] for _, out in sets])
 
 
 class Criterion:
-    """DINO's loss on the model's whole output: `set_loss` on the last decoder layer, each earlier layer and
+    """DINO's loss on the model's whole output: `set_losses` on the last decoder layer, each earlier layer and
     the encoder's selected proposals, each matched by Hungarian matching (one matching per set), and on
     the denoising queries of every layer with their known assignment. Weights and matching costs come
-    from cfg (Config: *_loss_coef, set_cost_*, focal_alpha, focal_gamma).
+    from cfg (Config: *_loss_coef, set_cost_*, focal_alpha, focal_gamma); under cfg.compile the costs and
+    the terms are computed by compiled programs.
 
     criterion(outputs, targets) with outputs from DINO.forward and targets [{"labels": (G_b,) int64,
     "boxes": (G_b, 4) cxcywh in [0, 1]}] * B returns a dict of every unweighted term, named loss_{ce,
@@ -78,43 +103,43 @@ class Criterion:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.weights = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
+        self.weights = (cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef)  # in TERMS' order
+        compiled = (lambda f: torch.compile(f, dynamic=False)) if cfg.compile else (lambda f: f)
+        self.costs, self.losses = compiled(matching_costs), compiled(set_losses)
 
     def __call__(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """outputs from DINO.forward; targets[b] = {"labels": (G_b,) int64, "boxes": (G_b, 4) cxcywh}.
         Returns every unweighted term plus "loss", their weighted sum."""
         c = self.cfg
-        num_boxes = float(sum(len(t["labels"]) for t in targets))
-        if dist.is_available() and dist.is_initialized():  # a tensor from here on: reading it would wait for the GPU
-            num_boxes = torch.tensor(num_boxes, device=outputs["pred_logits"].device)
+        counts = [len(t["labels"]) for t in targets]
+        padded = pad_targets(targets, target_slots(max(counts), c.compile))
+        num_boxes = padded.valid.sum().to(torch.float32)  # on the device: never read by the host
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(num_boxes)
-            num_boxes = (num_boxes / dist.get_world_size()).clamp(min=1)
-        else:
-            num_boxes = max(num_boxes, 1.0)
+            num_boxes = num_boxes / dist.get_world_size()
+        num_boxes = num_boxes.clamp(min=1)
 
-        # (suffix, predictions, assignment, normaliser) for every set of predictions that is supervised
-        matched = [("", outputs), ("_interm", outputs["interm_outputs"])]
-        matched += [(f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])]
-        assignments = hungarian_match_sets([(out["pred_logits"], out["pred_boxes"]) for _, out in matched], targets,
-                                           c.set_cost_class, c.set_cost_bbox, c.set_cost_giou, c.focal_alpha,
-                                           c.focal_gamma)
-        sets = [(suffix, out, indices, num_boxes) for (suffix, out), indices in zip(matched, assignments)]
+        sets = matched_sets(outputs)
+        logits, boxes = stacked(sets)
+        costs = self.costs(logits.detach(), boxes.detach(), padded.labels, padded.boxes, c.set_cost_class,
+                           c.set_cost_bbox, c.set_cost_giou, c.focal_alpha, c.focal_gamma)
+        assigned = hungarian_assign(costs, counts)  # (S, B, Q): the step's one wait for the device
+        values = [self.losses(logits, boxes, padded, assigned, num_boxes, None, c.focal_alpha, c.focal_gamma)]
+        suffixes = [suffix for suffix, _ in sets]
         if "dn_outputs" in outputs:
-            dn = outputs["dn_queries"]
-            known = dn.positive_indices([len(t["labels"]) for t in targets])
-            dn_out, dn_boxes = outputs["dn_outputs"], num_boxes * dn.num_groups
-            sets.append(("_dn", dn_out, known, dn_boxes))
-            sets += [(f"_dn_{i}", aux, known, dn_boxes) for i, aux in enumerate(dn_out["aux_outputs"])]
-        terms, total = {}, 0.0
-        for suffix, out, indices, normaliser in sets:
-            loss = set_loss(out["pred_logits"], out["pred_boxes"], targets, indices, normaliser,
-                            c.focal_alpha, c.focal_gamma)
-            total = total + sum(self.weights[name] * value for name, value in loss.items())
-            terms.update({name + suffix: value for name, value in loss.items()})
-        terms["loss"] = total
+            dn, dn_out = outputs["dn_queries"], outputs["dn_outputs"]
+            dn_sets = [("_dn", dn_out)] + [(f"_dn_{i}", aux) for i, aux in enumerate(dn_out["aux_outputs"])]
+            logits, boxes = stacked(dn_sets)
+            known = dn.target_index[None].expand(len(dn_sets), -1, -1)
+            values.append(self.losses(logits, boxes, padded, known, num_boxes * dn.num_groups, dn.trained,
+                                      c.focal_alpha, c.focal_gamma))
+            suffixes += [suffix for suffix, _ in dn_sets]
+        values = torch.cat(values)  # (S, 3)
+        terms = {name + suffix: value for suffix, row in zip(suffixes, values) for name, value in zip(TERMS, row)}
+        terms["loss"] = sum(weight * term for weight, term in zip(self.weights, values.sum(0)))
         return terms
 
 
 def build_criterion(**overrides) -> Criterion:
-    """overrides: Config fields (set_cost_*, *_loss_coef, focal_alpha, focal_gamma)."""
+    """overrides: Config fields (set_cost_*, *_loss_coef, focal_alpha, focal_gamma, compile)."""
     return Criterion(make_config(**overrides))

@@ -28,6 +28,7 @@ from config import Config, make_config
 from deformable_attn import MSDeformAttn
 from denoising import build_cdn_queries
 from msda_cuda import level_start_index_of
+from static_shapes import PaddedTargets, pad_targets, target_slots
 
 NUM_LEVELS = 4  # DINO-4scale: strides 8, 16, 32 from the backbone plus a stride-64 map
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu}  # config.ACTIVATIONS names them
@@ -406,9 +407,10 @@ class DINO(nn.Module):
         it, to give PyTorch the tokens a runtime chose among near-tied ones.)"""
         return scores.topk(k, dim=1)[1]
 
-    def forward(self, images: Tensor, mask: Tensor | None = None, targets: list[dict] | None = None) -> dict:
+    def forward(self, images: Tensor, mask: Tensor | None = None, targets: list[dict] | PaddedTargets | None = None) -> dict:
         """images (B, 3, H, W) normalised and zero-padded; mask (B, H, W) True on padding;
-        targets (training with denoising only): [{"labels": (G_b,), "boxes": (G_b, 4)}] * B.
+        targets (training with denoising only): [{"labels": (G_b,), "boxes": (G_b, 4)}] * B, or the same
+        as static_shapes.PaddedTargets.
 
         Returns {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4), "aux_outputs": [{...}] * 5,
         "interm_outputs": {...}}, plus "dn_outputs" and "dn_queries" when denoising queries were added.
@@ -418,7 +420,8 @@ class DINO(nn.Module):
         srcs, masks = self.multi_scale_features(images, mask)
         return self.detect_from_features(srcs, masks, targets)
 
-    def detect_from_features(self, srcs: list[Tensor], masks: list[Tensor], targets: list[dict] | None = None) -> dict:
+    def detect_from_features(self, srcs: list[Tensor], masks: list[Tensor],
+                             targets: list[dict] | PaddedTargets | None = None) -> dict:
         """The transformer and the heads on L feature maps srcs[l] (B, C, H_l, W_l), masks[l] (B, H_l, W_l)."""
         C = self.cfg.hidden_dim
         level_shapes = [tuple(s.shape[-2:]) for s in srcs]
@@ -434,6 +437,8 @@ class DINO(nn.Module):
 
         dn = None
         if self.training and targets is not None and self.cfg.dn_number > 0:
+            if not isinstance(targets, PaddedTargets):  # train.py pads them itself, before a compiled forward
+                targets = pad_targets(targets, target_slots(max(len(t["labels"]) for t in targets), compiled=False))
             dn = build_cdn_queries(targets, self.dn_label_embed, self.cfg.num_classes, self.cfg.num_queries,
                                    self.cfg.dn_number, self.cfg.dn_box_noise_scale, self.cfg.dn_label_noise_ratio)
         if dn is not None:

@@ -20,6 +20,7 @@ Reading order: main -> set_up (flags, processes, output folder, data, config: a 
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from inference import Detector
 from losses import Criterion
 from model import DINO, TooFewTokens, build_dino
 from precision import amp_autocast, amp_dtype
+from static_shapes import bucket_step, pad_targets, target_slots
 from runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, copy_atomically,
                   data_worker_init, signals_held, write_atomically)
 
@@ -76,28 +78,44 @@ def lr_at_epoch(cfg: Config, epoch: int) -> float:
 
 def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images: Tensor, mask: Tensor,
                targets: list[dict], cfg: Config) -> dict[str, Tensor]:
-    """forward (autocast under --amp), loss terms, weighted sum, backward, clip, step. Returns the terms;
-    raises NonFiniteLoss, before the step, if the loss is not finite in any process."""
+    """forward (autocast under --amp), loss terms, weighted sum, backward, clip, step. Returns the terms.
+
+    A step whose loss or gradients are not finite in any process is not taken, and NonFiniteLoss is raised:
+    with fused AdamW and no loss scaling, the optimiser skips it on the device (nothing waits for that
+    verdict) and the next step, or `raise_if_skipped` at the end of the epoch, raises, reading it after the
+    matching has waited for the device anyway; otherwise before the step, as it is computed."""
+    model_targets = targets
+    if cfg.compile:  # fixed shapes for the compiled forward (static_shapes.py); the criterion pads its own
+        model_targets = pad_targets(targets, target_slots(max(len(t["labels"]) for t in targets), compiled=True))
     with amp_autocast(images.device, cfg.amp):
-        outputs = model(images, mask, targets)
+        outputs = model(images, mask, model_targets)
     terms = criterion(outputs, targets)  # in float32: the criterion casts the predictions
+    raise_if_skipped(optimizer)  # the last step's verdict, long computed: the matching waited for this forward
     loss = terms["loss"]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    finite = torch.isfinite(loss)
     if cfg.clip_max_norm > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
-    # the one wait for the GPU besides the matching's, once the backward is queued: the GPU stays busy
-    # while the host queues it (reading the loss right after the forward would leave it idle meanwhile)
-    check = loss.detach().clone()
+        finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm))
+    skipped = (~finite).float()
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(check)  # every process stops together
-    if not math.isfinite(check.item()):
-        raise NonFiniteLoss(f"loss is {check.item()} (this process's terms: "
-                            f"{ {k: round(v.item(), 4) for k, v in terms.items()} })")
+        dist.all_reduce(skipped, op=dist.ReduceOp.MAX)  # every process skips and stops together
+    if optimizer.defaults.get("fused") and not scaler.is_enabled():
+        optimizer.found_inf = skipped  # fused AdamW's own skip, as GradScaler uses it (torch.optim.adamw)
+    elif skipped.item():
+        raise NonFiniteLoss(f"the loss ({loss.item()}) or a gradient is not finite; this process's terms: "
+                            f"{ {k: round(v.item(), 4) for k, v in terms.items()} }")
     scaler.step(optimizer)
     scaler.update()
     return terms
+
+
+def raise_if_skipped(optimizer: torch.optim.Optimizer) -> None:
+    """NonFiniteLoss if the optimiser's last step was skipped for a loss or gradient that was not finite."""
+    skipped = getattr(optimizer, "found_inf", None)
+    if skipped is not None and skipped.item():
+        raise NonFiniteLoss("the loss or a gradient was not finite at the last step, which was not taken")
 
 
 def make_grad_scaler(device: torch.device, cfg: Config) -> torch.amp.GradScaler:
@@ -209,8 +227,9 @@ class Setup:
             sampler = torch.utils.data.DistributedSampler(self.val_set, shuffle=False)
         else:
             sampler = torch.utils.data.SequentialSampler(self.val_set)
+        fixed = functools.partial(collate, multiple=bucket_step(cfg.scale)) if train and cfg.compile else collate
         return torch.utils.data.DataLoader(self.train_set if train else self.val_set, sampler=sampler,
-                                           batch_size=cfg.batch_size if train else 1, collate_fn=collate,
+                                           batch_size=cfg.batch_size if train else 1, collate_fn=fixed,
                                            num_workers=cfg.num_workers, worker_init_fn=data_worker_init,
                                            generator=torch.Generator().manual_seed(cfg.seed + epoch),
                                            pin_memory=self.device.type == "cuda")
@@ -288,13 +307,14 @@ def train_one_epoch(setup: Setup, state: TrainState, model: torch.nn.Module, cri
             try:
                 terms = train_step(model, criterion, state.optimizer, state.scaler, images, mask, targets, cfg)
             except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{e} at epoch {epoch}, iteration {state.iteration}") from None
+                raise NonFiniteLoss(f"{e} (epoch {epoch}, iteration {state.iteration})") from None
             if state.ema is not None:
                 state.ema.update_parameters(state.model)
             losses.add(terms)
             state.iteration += 1
             write, stop = clock.due()
             if state.iteration < total and write:  # the epoch's end writes its checkpoint anyway, and stops there
+                raise_if_skipped(state.optimizer)  # never save the weights of a run that has gone wrong
                 state.running = losses.saved()
                 setup.save(state)
                 clock.written()
@@ -303,6 +323,10 @@ def train_one_epoch(setup: Setup, state: TrainState, model: torch.nn.Module, cri
             if setup.is_main and (time.time() - last_print > 10 or state.iteration == total):
                 last_print = time.time()
                 report(setup, state, losses, (state.iteration - first) / (last_print - start), board)
+        try:
+            raise_if_skipped(state.optimizer)  # the epoch's last step
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"{e} (epoch {epoch}, its last iteration)") from None
     except DataError as e:  # an image that cannot be read, found mid-epoch: keep what was trained
         reason = str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")  # from a worker: its traceback
         if not setup.distributed:  # (other processes would wait for this one)
@@ -366,6 +390,8 @@ def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minu
     model = (DistributedDataParallel(state.model, device_ids=[setup.device.index] if setup.device.type == "cuda"
                                      else None, find_unused_parameters=True)  # the DN label book may be unused
              if setup.distributed else state.model)
+    if cfg.compile:  # one program per batch shape, the shapes fixed by static_shapes.py; state.model stays eager
+        model = torch.compile(model, dynamic=False)
     metrics = evaluate_and_save(setup, state, evaluated) if state.pending is not None else {}  # one owed from before
     clock = CheckpointClock(checkpoint_minutes, held.enter_context(StopSignals(setup.log)), setup.device)
     try:

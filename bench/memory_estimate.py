@@ -159,19 +159,18 @@ class EfficientAttentionAllocations(torch.autograd.Function):
         return EfficientAttentionAllocations.apply(q, k, v, attn_mask)
 
 
-def first_queries_match(predictions, targets, *costs):
-    """Stands in for hungarian_match_sets: query i takes object i."""
-    def pairs(t, device):
-        index = torch.arange(len(t["labels"]), device=device)
-        return index, index
-    return [[pairs(t, logits.device) for t in targets] for logits, _ in predictions]
+def first_queries_match(costs, counts):
+    """Stands in for hungarian_assign: query i of every set takes object i."""
+    S, B, Q, _ = costs.shape
+    query = torch.arange(Q, device=costs.device)
+    return torch.where(query < torch.tensor(counts, device=costs.device)[:, None], query, -1).expand(S, B, Q)
 
 
 def estimate(overrides: dict, size: tuple[int, int], batch_size: int) -> tuple[float, Counter]:
     """Peak GiB of the second of two training steps of the configuration, and what was live at the peak."""
     cfg = make_config(**overrides)
     patches = [(deformable_attn, "ms_deform_attn", KernelAllocations.apply),
-               (losses, "hungarian_match_sets", first_queries_match),
+               (losses, "hungarian_assign", first_queries_match),
                (F, "scaled_dot_product_attention", EfficientAttentionAllocations.call),
                # torch's truncated normal redraws until its values fit, which fake tensors have none of
                (torch.nn.init, "trunc_normal_", torch.nn.init.normal_)]

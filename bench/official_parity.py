@@ -136,8 +136,11 @@ def compare_losses(criterion, ours: nn.Module, batch) -> tuple[float, int]:
     torch.manual_seed(2)
     out = ours.train()(batch.tensors, batch.mask, targets)
     dn = out["dn_queries"]
-    official_out = {**out, "dn_meta": {"output_known_lbs_bboxes": out["dn_outputs"], "num_dn_group": dn.num_groups,
-                                       "pad_size": dn.num_groups * dn.group_size}}
+    used = int(dn.trained.sum())  # the official code has no unused DN slots (denoising.py: fixed shapes)
+    dn_out = {k: v[:, :used] for k, v in out["dn_outputs"].items() if k != "aux_outputs"}
+    dn_out["aux_outputs"] = [{k: v[:, :used] for k, v in aux.items()} for aux in out["dn_outputs"]["aux_outputs"]]
+    official_out = {**out, "dn_meta": {"output_known_lbs_bboxes": dn_out, "num_dn_group": int(dn.num_groups),
+                                       "pad_size": used}}
     with torch.no_grad(), on_the_cpu():
         criterion.train()
         want = criterion(official_out, targets)

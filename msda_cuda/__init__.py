@@ -332,17 +332,35 @@ def _op_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _op_backward(ctx, grad_output):
-    """The gradients by running the attention again under autograd: compiled training pays one more
-    forward of the attention; compiled inference, the case compiling is for, pays nothing."""
-    value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
+@torch.library.custom_op("dino::ms_deform_attn_backward", mutates_args=())
+def _compiled_op_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                          sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of value, sampling_locations and attention_weights, as one operator run eagerly (a compiled
+    training step's backward): the kernel's own backward where a kernel computes the forward, else autograd
+    through the reference, run again."""
+    extension, dtype = _kernel_for(value)
+    if extension is not None:
+        coord = at_least_float32(dtype)
+        grads = extension.backward(_aligned(value.to(dtype)), spatial_shapes.contiguous(),
+                                   level_start_index.contiguous(), sampling_locations.to(coord).contiguous(),
+                                   attention_weights.to(coord).contiguous(), _aligned(grad_output.to(dtype)))
+        return tuple(g.to(t.dtype).clone() for g, t in zip(grads, (value, sampling_locations, attention_weights)))
     with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(need) for t, need in
-                  zip((value, locations, weights), (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]))]
-        out = _run(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2], check_layout=False)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_output) if wanted else ())
-    value_grad, location_grad, weight_grad = (next(grads) if t.requires_grad else None for t in inputs)
+        inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
+        out = ms_deform_attn_reference(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
+        return torch.autograd.grad(out, inputs, grad_output)
+
+
+@_compiled_op_backward.register_fake
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _op_backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
+    grads = _compiled_op_backward(grad_output, value, spatial_shapes, level_start_index, locations, weights)
+    needed = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+    value_grad, location_grad, weight_grad = (g if need else None for g, need in zip(grads, needed))
     return value_grad, None, None, location_grad, weight_grad
 
 

@@ -6,7 +6,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from denoising import DNQueries
-from losses import build_criterion, set_loss
+from losses import build_criterion, set_losses
+from static_shapes import pad_targets
+
+
+def set_loss(logits, boxes, targets, indices, num_boxes):
+    """set_losses on one set of predictions given as per-image (query_idx, target_idx), as a dict of the terms."""
+    assigned = torch.full(logits.shape[:2], -1, dtype=torch.int64)
+    for b, (q, t) in enumerate(indices):
+        assigned[b, q] = t
+    padded = pad_targets(targets, max(len(t["labels"]) for t in targets))
+    values = set_losses(logits[None], boxes[None], padded, assigned[None], torch.tensor(num_boxes, dtype=torch.float64))
+    return dict(zip(("loss_ce", "loss_bbox", "loss_giou"), values[0]))
 
 
 def test_focal_l1_and_giou_terms_by_hand():
@@ -46,6 +57,16 @@ def random_leaves(B=2, Q=6, K=3, D=8, layers=2):
                                          torch.randn(B, n, 4, dtype=torch.float64, requires_grad=True))]
 
 
+def known_layout(counts, groups, group_size, slots):
+    """DNQueries.target_index (B, slots) for `groups` groups of `group_size` slots, object j of an image at
+    slot j of each group; every slot of the groups trained."""
+    index = torch.full((len(counts), slots), -1)
+    for b, n in enumerate(counts):
+        for g in range(groups):
+            index[b, g * group_size:g * group_size + n] = torch.arange(n)
+    return index, torch.arange(slots) < groups * group_size
+
+
 def assemble(leaves, layers=2, groups=2):
     """DINO-shaped outputs from random_leaves; boxes pass through a sigmoid so they stay valid."""
     pairs = list(zip(leaves[0::2], leaves[1::2]))
@@ -53,10 +74,11 @@ def assemble(leaves, layers=2, groups=2):
     decoder, interm, dn = pairs[:layers], pairs[layers], pairs[layers + 1:]
     B, D, _ = dn[-1][0].shape
     Q = decoder[-1][0].shape[1]
+    target_index, trained = known_layout([len(t["labels"]) for t in TARGETS], groups, D // groups, D)
     return {**pred(*decoder[-1]), "aux_outputs": [pred(*p) for p in decoder[:-1]], "interm_outputs": pred(*interm),
             "dn_outputs": {**pred(*dn[-1]), "aux_outputs": [pred(*p) for p in dn[:-1]]},
-            "dn_queries": DNQueries(torch.zeros(B, D, 1), torch.zeros(B, D, 4),
-                                    torch.zeros(D + Q, D + Q, dtype=torch.bool), groups, D // groups)}
+            "dn_queries": DNQueries(torch.zeros(B, D, 1), torch.zeros(B, D, 4), torch.zeros(D + Q, D + Q, dtype=torch.bool),
+                                    target_index, trained, torch.tensor(groups))}
 
 
 TARGETS = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.4, 0.5, 0.2, 0.3], [0.6, 0.6, 0.3, 0.2]], dtype=torch.float64)},
@@ -114,8 +136,10 @@ def test_a_model_trains_on_a_batch_with_and_without_objects():
     for targets in ([empty, empty], [TARGETS[0], empty]):
         targets = [{k: v.float() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
         out = model(torch.randn(2, 3, 96, 128), targets=targets)
-        assert ("dn_outputs" in out) == any(len(t["labels"]) for t in targets)
+        objects = any(len(t["labels"]) for t in targets)
+        assert bool(out["dn_queries"].trained.any()) == objects  # without objects, no DN group
         terms = criterion(out, targets)
+        assert (terms["loss_ce_dn"] > 0) == objects
         terms["loss"].backward()
         assert torch.isfinite(terms["loss"])
 

@@ -3,7 +3,12 @@ import itertools
 import pytest
 import torch
 
-from matcher import hungarian_match, matching_cost
+from matcher import hungarian_match, matching_costs
+
+
+def matching_cost(logits, boxes, target_labels, target_boxes, *args, **kwargs):
+    """matching_costs of one image: (Q, K), (Q, 4) predictions, (G,), (G, 4) targets -> (Q, G)."""
+    return matching_costs(logits[None], boxes[None], target_labels[None], target_boxes[None], *args, **kwargs)[0]
 
 
 def random_problem(Q, G, K=4, dtype=torch.float64):

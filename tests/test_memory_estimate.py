@@ -41,9 +41,9 @@ def test_the_estimate_leaves_the_real_functions_in_place():
     import model
     import msda_cuda
     originals = (F.layer_norm, torch.Tensor.softmax, F.scaled_dot_product_attention, torch.nn.init.trunc_normal_,
-                 deformable_attn.ms_deform_attn, losses.hungarian_match_sets)
+                 deformable_attn.ms_deform_attn, losses.hungarian_assign)
     estimate(TINY, (128, 192), 1)
     assert originals == (F.layer_norm, torch.Tensor.softmax, F.scaled_dot_product_attention,
-                         torch.nn.init.trunc_normal_, deformable_attn.ms_deform_attn, losses.hungarian_match_sets)
+                         torch.nn.init.trunc_normal_, deformable_attn.ms_deform_attn, losses.hungarian_assign)
     assert deformable_attn.ms_deform_attn is msda_cuda.ms_deform_attn
     assert model._level_layouts.cache_info().currsize == 0  # no fake tensors left for real forwards

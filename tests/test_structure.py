@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # bottom to top
     {"config", "precision", "cpu_memory", "image_io"},
-    {"msda_cuda", "onnx_detect", "video", "runs", "layouts"},
+    {"msda_cuda", "onnx_detect", "video", "runs", "layouts", "static_shapes"},
     {"backbone", "deformable_attn", "denoising", "matcher", "data"},
     {"model", "losses"},
     {"checkpoints"},
