@@ -28,7 +28,7 @@ from torchvision.ops import box_convert, sigmoid_focal_loss
 from config import Config, make_config
 from matcher import hungarian_assign, matching_costs
 from precision import at_least_float32
-from static_shapes import PaddedTargets, pad_targets, target_slots
+from static_shapes import PaddedTargets, compiled, pad_targets, target_slots
 
 TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
@@ -104,8 +104,8 @@ class Criterion:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.weights = (cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef)  # in TERMS' order
-        compiled = (lambda f: torch.compile(f, dynamic=False)) if cfg.compile else (lambda f: f)
-        self.costs, self.losses = compiled(matching_costs), compiled(set_losses)
+        self.costs, self.losses = ((compiled(matching_costs), compiled(set_losses)) if cfg.compile
+                                   else (matching_costs, set_losses))
 
     def __call__(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """outputs from DINO.forward; targets[b] = {"labels": (G_b,) int64, "boxes": (G_b, 4) cxcywh}.

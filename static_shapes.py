@@ -21,6 +21,7 @@ from torch import Tensor
 
 MIN_SLOTS = 8
 SIZE_STEP = 128  # pixels at scale 1: bench/size_buckets.py
+PROGRAMS = 256  # compiled programs allowed per function: image sizes x target slot counts (dynamo allows 8)
 
 
 class PaddedTargets(NamedTuple):
@@ -54,3 +55,9 @@ def bucket_step(scale: float) -> int:
     """The multiple of pixels that a compiled run pads each side of its batches to: SIZE_STEP at scale 1, a
     multiple of 32 (the backbone's stride: every level then has whole cells)."""
     return max(32, 32 * round(SIZE_STEP * scale / 32))
+
+
+def compiled(function):
+    """torch.compile for fixed shapes: one program per shape of the inputs, up to PROGRAMS of them."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, PROGRAMS)
+    return torch.compile(function, dynamic=False)

@@ -46,7 +46,7 @@ from inference import Detector
 from losses import Criterion
 from model import DINO, TooFewTokens, build_dino
 from precision import amp_autocast, amp_dtype
-from static_shapes import bucket_step, pad_targets, target_slots
+from static_shapes import bucket_step, compiled, pad_targets, target_slots
 from runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, copy_atomically,
                   data_worker_init, signals_held, write_atomically)
 
@@ -97,7 +97,8 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
     finite = torch.isfinite(loss)
     if cfg.clip_max_norm > 0:
         scaler.unscale_(optimizer)
-        finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm))
+        clip = compiled_clipping() if cfg.compile else torch.nn.utils.clip_grad_norm_
+        finite &= torch.isfinite(clip(list(model.parameters()), cfg.clip_max_norm))
     skipped = (~finite).float()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(skipped, op=dist.ReduceOp.MAX)  # every process skips and stops together
@@ -109,6 +110,13 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
     scaler.step(optimizer)
     scaler.update()
     return terms
+
+
+@functools.cache
+def compiled_clipping():
+    """clip_grad_norm_ compiled: one program for every gradient's norm and scaling (eagerly, a few operators
+    per parameter)."""
+    return compiled(torch.nn.utils.clip_grad_norm_)
 
 
 def raise_if_skipped(optimizer: torch.optim.Optimizer) -> None:
@@ -391,7 +399,7 @@ def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minu
                                      else None, find_unused_parameters=True)  # the DN label book may be unused
              if setup.distributed else state.model)
     if cfg.compile:  # one program per batch shape, the shapes fixed by static_shapes.py; state.model stays eager
-        model = torch.compile(model, dynamic=False)
+        model = compiled(model)
     metrics = evaluate_and_save(setup, state, evaluated) if state.pending is not None else {}  # one owed from before
     clock = CheckpointClock(checkpoint_minutes, held.enter_context(StopSignals(setup.log)), setup.device)
     try:

@@ -12,7 +12,9 @@ to fail without stopping the others:
      peak memory and images/s with each memory option;
   5. R50 800x1333 inference FPS, batch 1: fp32, bf16, and bf16 through inference.compile_model;
   6. where the GPU's detections depart from the CPU's, stage by stage, eager and compiled
-     (bench/gpu_agreement.py).
+     (bench/gpu_agreement.py);
+  7. the compiled training step (train.py --compile), bf16, against the eager one: R50 batch 2 and Swin-L
+     1.5x batch 2, images/s, peak memory, kernel launches and waits for the device per step.
 It needs torch, torchvision, numpy, scipy and ninja (pytest for step 2), never pycocotools. The table is
 printed last and written to --output after every step, so a run cut short still leaves what it measured.
 """
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -36,12 +39,15 @@ import msda_cuda  # noqa: E402
 import train_step  # noqa: E402
 from inference import output_agreement  # noqa: E402
 
-TARGETS = {  # issue 14: peak training memory (GiB, bf16 with checkpointing) and inference FPS
-    ("swinl", 2): 12, ("swinl", 1): 8, ("r50", 2): 8, "r50 fps bf16": 46}
+TARGETS = {  # issue 14: peak training memory (GiB, bf16 with checkpointing) and inference FPS; issue 26: compiled
+    ("swinl", 2): 12, ("swinl", 1): 8, ("r50", 2): 8, "r50 fps bf16": 46,  # training images/s, bf16
+    ("compiled", "r50"): 40, ("compiled", "swinl"): 15}
 # the shapes of a full run, and of a dry run (a small model, small images, on the CPU)
 FULL = dict(training=[("swinl", 1.5, 2), ("swinl", 1.5, 1), ("r50", 1.0, 2)], train_iters=5,
+            compiled_training=[("r50", 1.0, 2), ("swinl", 1.5, 2)], compile_backend="inductor",
             inference_iters=30, msda_iters=20, msda_levels=msda.LEVELS, decoder_queries=1100, overrides={})
 DRY = dict(training=[("r18", 0.06, 2)], train_iters=1, inference_iters=1, msda_iters=1,
+           compiled_training=[("r18", 0.06, 2)], compile_backend="aot_eager",  # checks the script, not inductor
            msda_levels=[(6, 10), (3, 5), (2, 3), (1, 2)], decoder_queries=11,
            overrides=dict(hidden_dim=64, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=64,
                           num_queries=20, dn_number=4))
@@ -161,6 +167,45 @@ def training_step(report: Report, device: torch.device, shapes: dict, deadline: 
     report.add("")
 
 
+def compiled_training_step(report: Report, device: torch.device, shapes: dict, deadline: float):
+    """bf16 training steps, eager then compiled (the compiled one on its size bucket: 896x1408 for 800x1333),
+    each timed over train_iters steps after its first (which compiles), and what one step asks of the host."""
+    report.add("| model, images, batch | step | images/s | first step s | peak GiB | host aten calls | kernel launches | "
+               "waits for the device | target |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    compile_with = functools.partial(torch.compile, backend=shapes["compile_backend"])
+    for backbone, scale, batch_size in shapes["compiled_training"]:
+        size = (round(800 * scale), round(1333 * scale))
+        for compiled in (False, True):
+            label, how = f"{backbone} {size[0]}x{size[1]}, batch {batch_size}", "compiled" if compiled else "eager"
+            if time.perf_counter() > deadline:
+                report.add(f"| {label} | {how} | skipped: out of time | | | | | | |")
+                continue
+            overrides = {"backbone": backbone, "scale": scale, "amp": True, **shapes["overrides"], "compile": compiled}
+            with unittest.mock.patch.object(torch, "compile", compile_with):
+                step = train_step.training_step(overrides, size, batch_size, device)
+                first = time.perf_counter()
+                step()
+                train_step.synchronize(device)
+                first = time.perf_counter() - first
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                for _ in range(shapes["train_iters"]):
+                    step()
+                train_step.synchronize(device)
+                rate = batch_size * shapes["train_iters"] / (time.perf_counter() - start)
+                costs = train_step.host_costs(step, device, dispatch_mode=False)
+            peak = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f}" if device.type == "cuda" else "n/a"
+            target = TARGETS.get(("compiled", backbone))
+            verdict = f">= {target}: {'met' if rate >= target else 'MISSED'}" if compiled and target else ""
+            report.add(f"| {label} | {how} | {rate:.2f} | {first:.0f} | {peak} | {costs['host aten calls']} | "
+                       f"{costs.get('kernel launches', 'n/a')} | {costs.get('waits for the device', 'n/a')} | {verdict} |")
+            print(report.lines[-1], flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report.add("")
+
+
 def inference_shape(device: torch.device) -> tuple[str, tuple[int, int]]:
     return ("r50", (800, 1333)) if device.type == "cuda" else ("r18", (64, 96))
 
@@ -197,6 +242,8 @@ def main():
     parser.add_argument("--output", default="gpu_check.md", help="where the markdown goes (default gpu_check.md)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks this script, measures nothing")
     parser.add_argument("--budget", type=float, default=420, help="seconds after which training configurations are skipped")
+    parser.add_argument("--compile-budget", type=float, default=240,
+                        help="seconds more, after --budget, for step 7's compiled training (compilation included)")
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("bench/gpu_check.py needs a CUDA GPU (or --dry-run)")
@@ -216,6 +263,8 @@ def main():
     step(report, "5. inference")(lambda: inference_step(report, device, shapes, reference().seen["outputs"]))
     step(report, "6. where the GPU departs from the CPU")(
         lambda: report.add(*gpu_agreement.measure(device, inference_shape(device)[0], reference())))
+    step(report, "7. compiled training step")(
+        lambda: compiled_training_step(report, device, shapes, start + args.budget + args.compile_budget))
     report.add(f"Total {time.perf_counter() - start:.0f} s.")
     print("\n" + "\n".join(report.lines))
     print(f"\nwritten to {args.output}")

@@ -1,7 +1,10 @@
-"""Training-step speed and peak memory, each memory option on and off; inference FPS.
+"""Training-step speed and peak memory, each memory option on and off; what a step costs the host, eager and
+compiled; inference FPS.
 
     python bench/train_step.py --backbone swinl --scale 1.5 --batch-size 2   # the seed's Swin-L recipe, batch 2
     python bench/train_step.py --backbone r50 --batch-size 2                 # R50-4scale at 800x1333
+    python bench/train_step.py --count-ops --device cpu                      # operators per step, eager and compiled
+    python bench/train_step.py --compiled-speed --device cpu                 # step time, compiled against eager
     python bench/train_step.py --inference                                   # R50-4scale FPS at 800x1333
 
 Training runs --iters steps of train.train_step (forward, loss, backward, clip, AdamW step, with
@@ -12,14 +15,30 @@ the decoder one at a time. It prints iterations/s, images/s and peak memory
 (torch.cuda.max_memory_allocated). --inference times the whole detector, image tensor on the device
 to post-processed boxes on the host, batch 1, in float32 and under eval.py's --amp autocast (bf16;
 fp16 on GPUs without bf16), eager and, with --compile, through inference.compile_model.
+
+--count-ops counts what one training step (after two warm-up steps) asks of the host, eagerly and with
+--compile's compiled step (train.py --compile: the model, the matching costs and the loss through
+torch.compile, the batch padded as static_shapes.py pads it): the operators dispatched, as a
+TorchDispatchMode sees them (eager only: Dynamo runs a compiled function eagerly under such a mode), and
+the aten operators the host calls, as torch.profiler records them (those called by no other operator: in a
+compiled step, the ones the compiled programs call, such as matrix products and convolutions, and
+everything outside them). On a GPU it also counts the kernel launches and the host's waits for the
+device (torch.cuda.set_sync_debug_mode) per step. --compiled-speed times eager and compiled steps in
+turn (--iters pairs) and prints the median of the per-pair ratios, and the compiled first step's time
+(compilation included) and loss against the eager one's.
 """
 import argparse
+import collections
 import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import make_config, parse_overrides  # noqa: E402
@@ -27,6 +46,7 @@ from inference import compile_model  # noqa: E402
 from losses import Criterion  # noqa: E402
 from model import build_dino, postprocess  # noqa: E402
 from precision import amp_autocast, amp_dtype, at_least_float32  # noqa: E402
+from static_shapes import bucket_step, compiled  # noqa: E402
 from train import build_optimizer, make_grad_scaler, train_step  # noqa: E402
 
 CONFIGS = [
@@ -61,6 +81,104 @@ def build_on(device: torch.device, **overrides):
     torch.manual_seed(0)
     with device:
         return build_dino(**overrides)
+
+
+def training_step(overrides: dict, size, batch_size: int, device: torch.device):
+    """A function taking one train.train_step of the configuration on a fixed generated batch, returning its
+    terms; under overrides["compile"] as train.py --compile takes it (compiled model, criterion's compiled
+    programs, the images padded to static_shapes' size bucket). The model is made with seed 0 either way."""
+    cfg = make_config(**overrides)
+    model = build_on(device, **dataclasses.asdict(cfg)).train()
+    criterion, optimizer, scaler = Criterion(cfg), build_optimizer(model, cfg), make_grad_scaler(device, cfg)
+    images, mask, targets = batch(size, batch_size, device, cfg.num_classes)
+    if cfg.compile:
+        step = bucket_step(cfg.scale)
+        padding = (0, -size[1] % step, 0, -size[0] % step)
+        images, mask = F.pad(images, padding), F.pad(mask, padding, value=True)
+        model = compiled(model)
+    return lambda: train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)
+
+
+class DispatchCount(TorchDispatchMode):
+    """Counts the operators dispatched below autograd while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_costs(step, device: torch.device, dispatch_mode: bool) -> dict[str, int]:
+    """What one call of `step` asks of the host: aten operators called by no other (torch.profiler), CUDA kernel
+    launches and waits for the device on a GPU, and with dispatch_mode the operators a TorchDispatchMode sees."""
+    costs = {}
+    if dispatch_mode:
+        with DispatchCount() as counter:
+            step()
+        costs["dispatched"] = counter.count
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = prof.events()
+    costs["host aten calls"] = sum(1 for e in events if e.name.startswith("aten::") and
+                                   (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    if device.type == "cuda":
+        names = collections.Counter(e.name for e in events)
+        costs["kernel launches"] = names["cudaLaunchKernel"] + names["cuLaunchKernel"] + names["cudaLaunchKernelExC"]
+        waits = []
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            import warnings
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step()
+            waits = [w for w in caught if "synchroniz" in str(w.message)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        costs["waits for the device"] = len(waits)
+    return costs
+
+
+def count_ops(overrides: dict, size, batch_size: int, device: torch.device) -> None:
+    results = {}
+    for name, compile_step in (("eager", False), ("compiled", True)):
+        step = training_step({**overrides, "compile": compile_step}, size, batch_size, device)
+        start = time.perf_counter()
+        step()
+        first = time.perf_counter() - start
+        step()
+        results[name] = host_costs(step, device, dispatch_mode=not compile_step)
+        print(f"{name}: {results[name]} (first step {first:.0f} s)", flush=True)
+    eager, compiled_costs = results["eager"], results["compiled"]
+    for key in compiled_costs:
+        print(f"{key}: eager {eager[key]}, compiled {compiled_costs[key]}, {eager[key] / max(compiled_costs[key], 1):.1f}x fewer")
+
+
+def compiled_speed(overrides: dict, size, batch_size: int, pairs: int, device: torch.device) -> None:
+    """Eager and compiled steps in turn, after a first step each (the compiled one compiles)."""
+    eager, compiled_step = (training_step({**overrides, "compile": c}, size, batch_size, device) for c in (False, True))
+    torch.manual_seed(1)
+    want = eager()["loss"].item()
+    torch.manual_seed(1)
+    start = time.perf_counter()
+    got = compiled_step()["loss"].item()
+    print(f"first compiled step {time.perf_counter() - start:.0f} s (compilation included); its loss {got:.6f}, "
+          f"eager {want:.6f}")
+    times = {"eager": [], "compiled": []}
+    for _ in range(pairs):
+        for name, step in (("eager", eager), ("compiled", compiled_step)):
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    ratio = statistics.median(e / c for e, c in zip(times["eager"], times["compiled"]))
+    print(f"step: eager {statistics.median(times['eager']):.3f} s, compiled {statistics.median(times['compiled']):.3f} s "
+          f"(median of {pairs}); compiled is {ratio:.2f}x eager's speed (median of the pairs' ratios), "
+          f"{batch_size / statistics.median(times['compiled']):.2f} images/s")
 
 
 def time_training(overrides: dict, size, batch_size: int, iters: int, device: torch.device) -> tuple[float, float | None]:
@@ -119,6 +237,8 @@ def main():
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--inference", action="store_true", help="time inference instead (fp32 and bf16)")
     parser.add_argument("--compile", action="store_true", help="with --inference: also through inference.compile_model")
+    parser.add_argument("--count-ops", action="store_true", help="operators per training step, eager and compiled")
+    parser.add_argument("--compiled-speed", action="store_true", help="step time, compiled against eager")
     parser.add_argument("--only", help="run only the configuration with this name (e.g. 'bf16 + all ckpt')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -132,6 +252,13 @@ def main():
     size = (round(800 * args.scale), round(1333 * args.scale))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, DINO-4scale {args.backbone}, images {size[0]}x{size[1]}")
+    model_overrides = {"backbone": args.backbone, "scale": args.scale, **extra}
+    if args.count_ops:
+        count_ops(model_overrides, size, args.batch_size, device)
+        return
+    if args.compiled_speed:
+        compiled_speed(model_overrides, size, args.batch_size, args.iters, device)
+        return
     if args.inference:
         for compiled in (False, True) if args.compile else (False,):
             for amp in (False, True):

@@ -92,3 +92,49 @@ def test_the_gpu_gives_the_cpu_detections(msda, monkeypatch):
     assert output_agreement(got, want)[0] == 1.0
     torch.testing.assert_close(got["pred_logits"], want["pred_logits"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got["pred_boxes"], want["pred_boxes"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_compiled_training_step_gives_the_eager_steps_losses_and_weights(monkeypatch):
+    """train_step with cfg.compile (the model, the matching costs and the loss through torch.compile, on
+    static_shapes' padded targets) against the eager step from the same weights, on three batches whose
+    object counts differ: the same terms and weights, and no program compiled twice (5 programs: the
+    model, the costs, the matched and the denoising losses, the gradient clipping). AOT autograd's eager backend, so that the
+    same operators run in both: this checks what our code gives the compiler (no graph break, shapes
+    that do not vary, the attention's backward operator); test_compiled_inference_gives_the_eager_detections
+    checks inductor's code."""
+    import copy
+    import functools
+    from torch._dynamo.utils import counters
+
+    import train
+    from config import make_config
+    from conftest import TINY
+    from losses import Criterion
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    eager_cfg = make_config(**TINY, num_classes=5)
+    compiled_cfg = make_config(**TINY, num_classes=5, compile=True)
+    torch.manual_seed(0)
+    eager = tiny_dino().train()
+    model = copy.deepcopy(eager)
+    runs = [(m, Criterion(c), train.build_optimizer(m, c), torch.amp.GradScaler("cpu", enabled=False), c)
+            for m, c in [(eager, eager_cfg), (model, compiled_cfg)]]
+    runs[1] = (train.compiled(model), *runs[1][1:])  # the optimiser's groups come from the plain module's names
+    g = torch.Generator().manual_seed(0)
+    images, mask = torch.randn(2, 3, 96, 128, generator=g), torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, :, 100:] = True
+    for step, counts in enumerate([(3, 1), (2, 2), (5, 0)]):
+        targets = [{"labels": torch.randint(0, 5, (n,), generator=g),
+                    "boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.3 + 0.1], -1)}
+                   for n in counts]
+        terms = []
+        for m, criterion, optimizer, scaler, cfg in runs:
+            torch.manual_seed(step)  # the same denoising noise
+            terms.append(train.train_step(m, criterion, optimizer, scaler, images, mask, targets, cfg))
+        assert terms[0].keys() == terms[1].keys()
+        for name in terms[0]:
+            torch.testing.assert_close(terms[1][name], terms[0][name], rtol=0, atol=0, msg=name)
+    for a, b in zip(eager.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert counters["stats"]["unique_graphs"] == 5 and not counters["graph_break"]

@@ -108,6 +108,20 @@ def test_denoising_terms_use_the_known_assignment():
     torch.testing.assert_close(terms["loss_bbox_dn"], l1 / (3 * 2))  # 3 objects x 2 groups
 
 
+def test_unused_denoising_slots_are_in_no_loss_term():
+    """2 groups of 4 slots, then 2 unused (denoising.py's fixed shapes): the terms equal those of the 8 used
+    slots alone, whatever the unused ones predict."""
+    torch.manual_seed(0)
+    out = assemble(random_leaves(D=10, layers=1), layers=1)
+    target_index, trained = known_layout([2, 1], 2, 4, 10)
+    out["dn_queries"] = out["dn_queries"]._replace(target_index=target_index, trained=trained)
+    used = {**out, "dn_outputs": {k: v[:, :8] for k, v in out["dn_outputs"].items() if k != "aux_outputs"} | {"aux_outputs": []},
+            "dn_queries": out["dn_queries"]._replace(target_index=target_index[:, :8], trained=trained[:8])}
+    got, want = build_criterion()(out, TARGETS), build_criterion()(used, TARGETS)
+    for name in ("loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-14, atol=0)
+
+
 def test_total_loss_gradcheck():
     torch.manual_seed(0)
     criterion = build_criterion()

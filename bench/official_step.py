@@ -1,0 +1,105 @@
+"""Our training step against the official code's, on the CPU, the same weights and batches: step time and images/s.
+
+    git clone https://github.com/IDEA-Research/DINO /somewhere/DINO    # outside this repository (faa8520)
+    python bench/official_step.py --official /somewhere/DINO                       # 200x333, batch 2 (demo-sized)
+    python bench/official_step.py --official /somewhere/DINO --size 800 1333 --pairs 3
+    python bench/official_step.py --official /somewhere/DINO --compile             # and our compiled step
+
+DINO-4scale R50 (the official code builds no other ResNet) at the official DINO_4scale.py configuration:
+hidden 256, 900 queries, 6 + 6 layers, denoising on. The official model (official_parity.official_model:
+its own builder, random weights perturbed; its attention through its pure-PyTorch
+`ms_deform_attn_core_pytorch`, since its compiled op has no CPU code) is loaded into ours. Each step is
+what each code's training loop does: forward with the targets, the criterion, the weighted sum, backward,
+clipping to 0.1 and AdamW (the official main.py's two groups; torch's default AdamW for the official code,
+train.build_optimizer's fused one for ours). They take steps in turn on the same generated batch (20 boxes
+per image), after a first step each; it prints each one's median step time, images/s, and the median
+of the per-pair ratios official / ours.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoints import load_checkpoint  # noqa: E402
+from config import make_config  # noqa: E402
+from losses import Criterion  # noqa: E402
+from model import build_dino  # noqa: E402
+from official_parity import official_model, on_the_cpu  # noqa: E402
+from static_shapes import compiled  # noqa: E402
+from train import build_optimizer, make_grad_scaler, train_step  # noqa: E402
+from train_step import batch  # noqa: E402
+
+
+def official_step(official: Path, images, mask, targets):
+    """The official model's training step (main.py's train_one_epoch: forward, criterion, weighted sum,
+    backward, clip 0.1, AdamW with the backbone at 1e-5), and the model."""
+    from util.misc import NestedTensor
+    model, criterion = official_model(official, "r50")
+    model, samples = model.float().train(), NestedTensor(images, mask)
+    backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4, weight_decay=1e-4)
+    weights = criterion.weight_dict
+
+    def step():
+        with on_the_cpu():
+            criterion.train()
+            outputs = model(samples, targets)
+            loss_dict = criterion(outputs, targets)
+            loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        return loss
+    return step, model
+
+
+def our_step(state: dict, images, mask, targets, compile_step: bool):
+    cfg = make_config(backbone="r50", num_classes=91, compile=compile_step)
+    model = build_dino(**vars(cfg)).train()
+    load_checkpoint(model, state)
+    criterion, optimizer, scaler = Criterion(cfg), build_optimizer(model, cfg), make_grad_scaler(images.device, cfg)
+    run = compiled(model) if compile_step else model
+    return lambda: train_step(run, criterion, optimizer, scaler, images, mask, targets, cfg)["loss"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official", type=Path, required=True, help="a checkout of IDEA-Research/DINO")
+    parser.add_argument("--size", type=int, nargs=2, default=(200, 333), metavar=("H", "W"))
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also our compiled step (train.py --compile)")
+    args = parser.parse_args()
+    images, mask, targets = batch(tuple(args.size), args.batch_size, torch.device("cpu"))
+    theirs, model = official_step(args.official.resolve(), images, mask, targets)
+    steps = {"official": theirs, "ours": our_step(model.state_dict(), images, mask, targets, False)}
+    if args.compile:
+        steps["ours compiled"] = our_step(model.state_dict(), images, mask, targets, True)
+    print(f"DINO-4scale R50, CPU ({torch.get_num_threads()} threads), batch {args.batch_size} of "
+          f"{args.size[0]}x{args.size[1]}, float32; first steps:")
+    for name, step in steps.items():
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        loss = step().item()
+        print(f"  {name}: {time.perf_counter() - start:.1f} s, loss {loss:.4f}", flush=True)
+    times = {name: [] for name in steps}
+    for _ in range(args.pairs):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    for name, seconds in times.items():
+        ratio = statistics.median(o / s for o, s in zip(times["official"], seconds))
+        print(f"{name:14s} {statistics.median(seconds):7.3f} s/step {args.batch_size / statistics.median(seconds):6.2f} "
+              f"images/s  {ratio:.2f}x the official code's speed (median of {args.pairs} pairs)")
+
+
+if __name__ == "__main__":
+    main()
