@@ -63,8 +63,7 @@ def main():
     print(f"{args.batches} batches of {args.batch_size}, scale {args.scale}: extra pixels padded against the "
           f"batch's largest sides, distinct batch shapes")
     print(f"{'step':>5s} {'extra pixels':>13s} {'shapes':>7s} {'shapes for 99%':>15s}")
-    for step in STEPS:
-        step = step if step == 1 else max(32, 32 * round(step * args.scale / 32))
+    for step in sorted({step if step == 1 else max(32, 32 * round(step * args.scale / 32)) for step in STEPS}):
         extra, shapes = 0.0, collections.Counter()
         for batch in batches:
             H, W = max(h for h, _ in batch), max(w for _, w in batch)

@@ -77,6 +77,18 @@ def test_collate_pads_to_the_largest_image_and_masks_the_padding():
     assert [t["id"] for t in targets] == [0, 1]
 
 
+def test_collate_pads_a_compiled_runs_batches_to_a_multiple_of_the_size_step():
+    """train.py --compile: each side rounded up to static_shapes.bucket_step(scale) pixels (128 at scale 1, 32
+    at the demo's 0.25), padding masked; a side already on a multiple stays."""
+    from static_shapes import bucket_step
+    assert bucket_step(1.0) == 128 and bucket_step(0.25) == 32 and bucket_step(1.5) == 192
+    a, b = torch.randn(3, 20, 64), torch.randn(3, 33, 10)
+    images, mask, _ = collate([(a, {}), (b, {})], multiple=32)
+    assert images.shape == (2, 3, 64, 64)
+    assert torch.equal(images[0, :, :20, :64], a) and not mask[0, :20].any() and mask[0, 20:].all()
+    assert torch.equal(images[1, :, :33, :10], b) and mask[1, 33:].all() and mask[1, :, 10:].all()
+
+
 def write_awkward_dataset(root):
     """Non-contiguous category ids, EXIF rotation, grayscale, RGBA, palette, an image without
     annotations, a crowd annotation and a zero-width box."""

@@ -22,10 +22,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = output.read_text()
     assert "FAILED" not in report, report
-    for step in range(1, 7):
+    for step in range(1, 8):
         assert f"_{step}. " in report and "done in" in report
     assert "`pytest -m cuda`: exit code 0" in report
-    assert report.count("| r18 ") == 5  # every memory configuration trained
+    assert report.count("| r18 ") == 5 + 2  # every memory configuration trained; step 7's eager and compiled steps
+    assert "| r18 48x80, batch 2 | compiled |" in report
     assert "| fp32 | compiled |" in report
     assert "100% of the 100 best detections" in report  # compiled and eager agree with the CPU reference
     assert report.strip() in result.stdout  # the table is printed too
