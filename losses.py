@@ -83,9 +83,20 @@ def matched_sets(outputs: dict) -> list[tuple[str, dict]]:
             + [(f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])])
 
 
-def stacked(sets: list[tuple[str, dict]]) -> tuple[Tensor, Tensor]:
-    """(S, B, Q, K) logits and (S, B, Q, 4) boxes of S sets of predictions."""
-    return torch.stack([out["pred_logits"] for _, out in sets]), torch.stack([out["pred_boxes"] for _, out in sets])
+def predictions(sets: list[tuple[str, dict]]) -> tuple[list[Tensor], list[Tensor]]:
+    """[(B, Q, K)] * S logits and [(B, Q, 4)] * S boxes of S sets of predictions."""
+    return [out["pred_logits"] for _, out in sets], [out["pred_boxes"] for _, out in sets]
+
+
+def stacked_costs(logits: list[Tensor], boxes_cxcywh: list[Tensor], *args) -> Tensor:
+    """matching_costs of S sets of predictions given as lists (stacked here, inside a compiled criterion's program
+    rather than before it)."""
+    return matching_costs(torch.stack(logits).detach(), torch.stack(boxes_cxcywh).detach(), *args)
+
+
+def stacked_losses(logits: list[Tensor], boxes_cxcywh: list[Tensor], *args) -> Tensor:
+    """set_losses of S sets of predictions given as lists."""
+    return set_losses(torch.stack(logits), torch.stack(boxes_cxcywh), *args)
 
 
 class Criterion:
@@ -104,8 +115,8 @@ class Criterion:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.weights = (cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef)  # in TERMS' order
-        self.costs, self.losses = ((compiled(matching_costs), compiled(set_losses)) if cfg.compile
-                                   else (matching_costs, set_losses))
+        self.costs, self.losses = ((compiled(stacked_costs), compiled(stacked_losses)) if cfg.compile
+                                   else (stacked_costs, stacked_losses))
 
     def __call__(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """outputs from DINO.forward; targets[b] = {"labels": (G_b,) int64, "boxes": (G_b, 4) cxcywh}.
@@ -120,8 +131,8 @@ class Criterion:
         num_boxes = num_boxes.clamp(min=1)
 
         sets = matched_sets(outputs)
-        logits, boxes = stacked(sets)
-        costs = self.costs(logits.detach(), boxes.detach(), padded.labels, padded.boxes, c.set_cost_class,
+        logits, boxes = predictions(sets)
+        costs = self.costs(logits, boxes, padded.labels, padded.boxes, c.set_cost_class,
                            c.set_cost_bbox, c.set_cost_giou, c.focal_alpha, c.focal_gamma)
         assigned = hungarian_assign(costs, counts)  # (S, B, Q): the step's one wait for the device
         values = [self.losses(logits, boxes, padded, assigned, num_boxes, None, c.focal_alpha, c.focal_gamma)]
@@ -129,7 +140,7 @@ class Criterion:
         if "dn_outputs" in outputs:
             dn, dn_out = outputs["dn_queries"], outputs["dn_outputs"]
             dn_sets = [("_dn", dn_out)] + [(f"_dn_{i}", aux) for i, aux in enumerate(dn_out["aux_outputs"])]
-            logits, boxes = stacked(dn_sets)
+            logits, boxes = predictions(dn_sets)
             known = dn.target_index[None].expand(len(dn_sets), -1, -1)
             values.append(self.losses(logits, boxes, padded, known, num_boxes * dn.num_groups, dn.trained,
                                       c.focal_alpha, c.focal_gamma))

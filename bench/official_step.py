@@ -10,12 +10,13 @@ hidden 256, 900 queries, 6 + 6 layers, denoising on. The official model (officia
 its own builder, random weights perturbed; its attention through its pure-PyTorch
 `ms_deform_attn_core_pytorch`, since its compiled op has no CPU code) is loaded into ours. Each step is
 what each code's training loop does: forward with the targets, the criterion, the weighted sum, backward,
-clipping to 0.1 and AdamW (the official main.py's two groups; torch's default AdamW for the official code,
+clipping to 0.1 and AdamW (the official main.py's two groups; its `.cuda()` and `.to('cuda')` made no-ops; torch's default AdamW for the official code,
 train.build_optimizer's fused one for ours). They take steps in turn on the same generated batch (20 boxes
 per image), after a first step each; it prints each one's median step time, images/s, and the median
 of the per-pair ratios official / ours.
 """
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -35,11 +36,26 @@ from train import build_optimizer, make_grad_scaler, train_step  # noqa: E402
 from train_step import batch  # noqa: E402
 
 
+@contextlib.contextmanager
+def cuda_to_cpu():
+    """The official denoising's .to('cuda') calls (made in training only), as moves to the CPU."""
+    to = torch.Tensor.to
+
+    def on_cpu(self, *args, **kwargs):
+        args = tuple("cpu" if a == "cuda" else a for a in args)
+        return to(self, *args, **kwargs)
+    torch.Tensor.to = on_cpu
+    try:
+        yield
+    finally:
+        torch.Tensor.to = to
+
+
 def official_step(official: Path, images, mask, targets):
     """The official model's training step (main.py's train_one_epoch: forward, criterion, weighted sum,
     backward, clip 0.1, AdamW with the backbone at 1e-5), and the model."""
+    model, criterion = official_model(official, "r50")  # puts the official checkout on sys.path
     from util.misc import NestedTensor
-    model, criterion = official_model(official, "r50")
     model, samples = model.float().train(), NestedTensor(images, mask)
     backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
@@ -47,7 +63,7 @@ def official_step(official: Path, images, mask, targets):
     weights = criterion.weight_dict
 
     def step():
-        with on_the_cpu():
+        with on_the_cpu(), cuda_to_cpu():
             criterion.train()
             outputs = model(samples, targets)
             loss_dict = criterion(outputs, targets)

@@ -190,8 +190,16 @@ def _check_layout(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
 
 def _aligned(t: Tensor) -> Tensor:
     """Contiguous and 16-byte aligned, for the kernel's vector loads (a view may start mid-vector)."""
-    t = t.contiguous()
+    t = _dense(t)
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _dense(t: Tensor, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
+    """t in dtype, on device, contiguous, with no operator called where it already is (each one costs the host a
+    dispatch, in every layer of every step)."""
+    if (dtype is not None and t.dtype != dtype) or (device is not None and t.device != device):
+        t = t.to(device=device, dtype=dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 class _MSDeformAttnFunction(torch.autograd.Function):
@@ -203,9 +211,8 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         coord = at_least_float32(value.dtype)  # locations and weights: float32 at least (precision.py)
         ctx.extension, ctx.dtypes = extension, (sampling_locations.dtype, attention_weights.dtype)
         value = _aligned(value)
-        locations, weights = sampling_locations.to(coord).contiguous(), attention_weights.to(coord).contiguous()
-        spatial_shapes = spatial_shapes.to(value.device).contiguous()
-        level_start_index = level_start_index.to(value.device).contiguous()
+        locations, weights = _dense(sampling_locations, coord), _dense(attention_weights, coord)
+        spatial_shapes, level_start_index = _dense(spatial_shapes, device=value.device), _dense(level_start_index, device=value.device)
         ctx.save_for_backward(value, spatial_shapes, level_start_index, locations, weights)
         return extension.forward(value, spatial_shapes, level_start_index, locations, weights)
 
@@ -215,7 +222,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
         grad_value, grad_locations, grad_weights = ctx.extension.backward(
             value, spatial_shapes, level_start_index, locations, weights, _aligned(grad_output))
-        return None, grad_value, None, None, grad_locations.to(ctx.dtypes[0]), grad_weights.to(ctx.dtypes[1])
+        return None, grad_value, None, None, _dense(grad_locations, ctx.dtypes[0]), _dense(grad_weights, ctx.dtypes[1])
 
 
 # --- the self-check ---------------------------------------------------------------------------------------
@@ -307,8 +314,8 @@ def _run(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampl
     if extension is None:
         formulation = TRACED_FORMULATIONS[_traced[-1]] if torch.jit.is_tracing() else ms_deform_attn_reference
         return formulation(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return _MSDeformAttnFunction.apply(extension, value.to(dtype), spatial_shapes, level_start_index,
-                                       sampling_locations, attention_weights).to(value.dtype)
+    return _dense(_MSDeformAttnFunction.apply(extension, _dense(value, dtype), spatial_shapes, level_start_index,
+                                              sampling_locations, attention_weights), value.dtype)
 
 
 @torch.library.custom_op("dino::ms_deform_attn", mutates_args=())
@@ -341,10 +348,10 @@ def _compiled_op_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Te
     extension, dtype = _kernel_for(value)
     if extension is not None:
         coord = at_least_float32(dtype)
-        grads = extension.backward(_aligned(value.to(dtype)), spatial_shapes.contiguous(),
-                                   level_start_index.contiguous(), sampling_locations.to(coord).contiguous(),
-                                   attention_weights.to(coord).contiguous(), _aligned(grad_output.to(dtype)))
-        return tuple(g.to(t.dtype).clone() for g, t in zip(grads, (value, sampling_locations, attention_weights)))
+        grads = extension.backward(_aligned(_dense(value, dtype)), _dense(spatial_shapes), _dense(level_start_index),
+                                   _dense(sampling_locations, coord), _dense(attention_weights, coord),
+                                   _aligned(_dense(grad_output, dtype)))  # new tensors: none is an input's alias
+        return tuple(_dense(g, t.dtype) for g, t in zip(grads, (value, sampling_locations, attention_weights)))
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
         out = ms_deform_attn_reference(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
