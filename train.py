@@ -98,7 +98,9 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
     if cfg.clip_max_norm > 0:
         scaler.unscale_(optimizer)
         clip = compiled_clipping() if cfg.compile else torch.nn.utils.clip_grad_norm_
-        finite &= torch.isfinite(clip(list(model.parameters()), cfg.clip_max_norm))
+        norm = clip(list(model.parameters()), cfg.clip_max_norm)
+        if not scaler.is_enabled():  # under fp16 loss scaling, gradients that overflow are the scaler's to skip
+            finite &= torch.isfinite(norm)
     skipped = (~finite).float()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(skipped, op=dist.ReduceOp.MAX)  # every process skips and stops together
