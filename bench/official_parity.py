@@ -48,15 +48,17 @@ def stand_ins() -> None:
 
 @contextlib.contextmanager
 def on_the_cpu():
-    """The official code's .cuda() calls, and its deprecated torch.range, for the length of a call."""
-    cuda, had_range = torch.Tensor.cuda, hasattr(torch, "range")
+    """The official code's .cuda() and .to('cuda') calls (its denoising, in training), and its deprecated
+    torch.range, for the length of a call."""
+    cuda, to, had_range = torch.Tensor.cuda, torch.Tensor.to, hasattr(torch, "range")
     old_range = getattr(torch, "range", None)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.to = lambda self, *args, **kwargs: to(self, *("cpu" if a == "cuda" else a for a in args), **kwargs)
     torch.range = lambda start, end, *args, **kwargs: torch.arange(start, end + 1, *args, **kwargs)
     try:
         yield
     finally:
-        torch.Tensor.cuda = cuda
+        torch.Tensor.cuda, torch.Tensor.to = cuda, to
         if had_range:
             torch.range = old_range
 

@@ -16,7 +16,6 @@ per image), after a first step each; it prints each one's median step time, imag
 of the per-pair ratios official / ours.
 """
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -36,21 +35,6 @@ from train import build_optimizer, make_grad_scaler, train_step  # noqa: E402
 from train_step import batch  # noqa: E402
 
 
-@contextlib.contextmanager
-def cuda_to_cpu():
-    """The official denoising's .to('cuda') calls (made in training only), as moves to the CPU."""
-    to = torch.Tensor.to
-
-    def on_cpu(self, *args, **kwargs):
-        args = tuple("cpu" if a == "cuda" else a for a in args)
-        return to(self, *args, **kwargs)
-    torch.Tensor.to = on_cpu
-    try:
-        yield
-    finally:
-        torch.Tensor.to = to
-
-
 def official_step(official: Path, images, mask, targets):
     """The official model's training step (main.py's train_one_epoch: forward, criterion, weighted sum,
     backward, clip 0.1, AdamW with the backbone at 1e-5), and the model."""
@@ -63,7 +47,7 @@ def official_step(official: Path, images, mask, targets):
     weights = criterion.weight_dict
 
     def step():
-        with on_the_cpu(), cuda_to_cpu():
+        with on_the_cpu():
             criterion.train()
             outputs = model(samples, targets)
             loss_dict = criterion(outputs, targets)
