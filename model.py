@@ -292,7 +292,7 @@ class Decoder(nn.Module):
         hidden_states, supervised_boxes = [], []
         box_before = anchors  # what the next supervised box refines: the anchors, then each layer's refined box
         ratios4 = torch.cat([ratios, ratios], -1)[:, None]  # (B, 1, L, 4)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             reference_boxes = anchors[:, :, None] * ratios4  # (B, Q, L, 4) in each padded map's units
             # official DINO: the positional query encodes the box scaled by level 0's valid ratio
             query_pos = self.query_pos_head(box_sine_embedding(reference_boxes[:, :, 0], query.shape[-1] // 2))
@@ -301,10 +301,11 @@ class Decoder(nn.Module):
             hidden = self.norm(query)
             hidden_states.append(hidden)
             supervised_boxes.append((box_head(hidden) + inverse_sigmoid(box_before)).sigmoid())
-            # official DINO: the next layer's anchors are refined from the layer's output before the shared
-            # final norm (the supervised box above, from after it): two readings of the one box head
-            refined = (box_head(query) + inverse_sigmoid(anchors)).sigmoid()
-            box_before, anchors = refined, refined.detach()
+            if i + 1 < len(self.layers):  # the last layer's refined box would refine nothing
+                # official DINO: the next layer's anchors are refined from the layer's output before the shared
+                # final norm (the supervised box above, from after it): two readings of the one box head
+                refined = (box_head(query) + inverse_sigmoid(anchors)).sigmoid()
+                box_before, anchors = refined, refined.detach()
         return hidden_states, supervised_boxes
 
 
