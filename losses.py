@@ -118,12 +118,14 @@ class Criterion:
         self.costs, self.losses = ((compiled(stacked_costs), compiled(stacked_losses)) if cfg.compile
                                    else (stacked_costs, stacked_losses))
 
-    def __call__(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        """outputs from DINO.forward; targets[b] = {"labels": (G_b,) int64, "boxes": (G_b, 4) cxcywh}.
+    def __call__(self, outputs: dict, targets: list[dict], padded: PaddedTargets | None = None) -> dict[str, Tensor]:
+        """outputs from DINO.forward; targets[b] = {"labels": (G_b,) int64, "boxes": (G_b, 4) cxcywh}, and
+        `padded`, the same as static_shapes.pad_targets makes them for cfg.compile, if the caller has them.
         Returns every unweighted term plus "loss", their weighted sum."""
         c = self.cfg
         counts = [len(t["labels"]) for t in targets]
-        padded = pad_targets(targets, target_slots(max(counts), c.compile))
+        if padded is None:
+            padded = pad_targets(targets, target_slots(max(counts), c.compile))
         num_boxes = padded.valid.sum().to(torch.float32)  # on the device: never read by the host
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(num_boxes)

@@ -84,12 +84,11 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
     with fused AdamW and no loss scaling, the optimiser skips it on the device (nothing waits for that
     verdict) and the next step, or `raise_if_skipped` at the end of the epoch, raises, reading it after the
     matching has waited for the device anyway; otherwise before the step, as it is computed."""
-    model_targets = targets
-    if cfg.compile:  # fixed shapes for the compiled forward (static_shapes.py); the criterion pads its own
-        model_targets = pad_targets(targets, target_slots(max(len(t["labels"]) for t in targets), compiled=True))
+    # the targets as tensors, once for the forward's denoising queries and the criterion (static_shapes.py)
+    padded = pad_targets(targets, target_slots(max(len(t["labels"]) for t in targets), cfg.compile))
     with amp_autocast(images.device, cfg.amp):
-        outputs = model(images, mask, model_targets)
-    terms = criterion(outputs, targets)  # in float32: the criterion casts the predictions
+        outputs = model(images, mask, padded)
+    terms = criterion(outputs, targets, padded)  # in float32: the criterion casts the predictions
     raise_if_skipped(optimizer)  # the last step's verdict, long computed: the matching waited for this forward
     loss = terms["loss"]
     optimizer.zero_grad(set_to_none=True)

@@ -114,8 +114,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_pa
     good = (tmp_path / "checkpoint.pth").read_bytes()
 
     class Exploding(train.Criterion):
-        def __call__(self, outputs, targets):
-            terms = super().__call__(outputs, targets)
+        def __call__(self, outputs, targets, padded=None):
+            terms = super().__call__(outputs, targets, padded)
             terms["loss"] = terms["loss"] * float("nan")
             return terms
     monkeypatch.setattr(train, "Criterion", Exploding)
