@@ -63,20 +63,21 @@ def on_the_cpu():
             torch.range = old_range
 
 
-def official_args(official: Path, backbone: str) -> argparse.Namespace:
-    """The official config file (and its _base_), as the Namespace its build_dino reads."""
+def official_args(official: Path, backbone: str, **overrides) -> argparse.Namespace:
+    """The official config file (and its _base_), as the Namespace its build_dino reads, with `overrides`."""
     folder, values, base = official / "config" / "DINO", {}, {}
     exec((folder / CONFIGS[backbone]).read_text(), {}, values)
     for name in values.get("_base_", []):  # the file's own list of the files it builds on
         exec((folder / name).read_text(), {}, base)
     values = {k: v for k, v in {**base, **values}.items() if not k.startswith("_")}
     values.update(device="cpu", masks=False, frozen_weights=None, dataset_file="coco", num_classes=91,
-                  dn_labelbook_size=91)
+                  dn_labelbook_size=91, **overrides)
     return argparse.Namespace(**values)
 
 
-def official_model(official: Path, backbone: str):
-    """The official (model, criterion), random weights perturbed, float64, eval mode."""
+def official_model(official: Path, backbone: str, **overrides):
+    """The official (model, criterion), random weights perturbed, float64, eval mode; `overrides` replace
+    values of the official config."""
     sys.path.insert(0, str(official))
     stand_ins()
     import models.dino.backbone as official_backbone
@@ -90,7 +91,7 @@ def official_model(official: Path, backbone: str):
     official_msda.MSDeformAttnFunction = types.SimpleNamespace(apply=lambda *a: core(a[0], a[1], a[3], a[4]))
     torch.manual_seed(0)
     with on_the_cpu():
-        model, criterion, _ = build_official(official_args(official, backbone))
+        model, criterion, _ = build_official(official_args(official, backbone, **overrides))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)

@@ -1,19 +1,25 @@
 """Our training step against the official code's, on the CPU, the same weights and batches: step time and images/s.
 
     git clone https://github.com/IDEA-Research/DINO /somewhere/DINO    # outside this repository (faa8520)
-    python bench/official_step.py --official /somewhere/DINO                       # 200x333, batch 2 (demo-sized)
+    python bench/official_step.py --official /somewhere/DINO                       # 200x333, batch 2
+    python bench/official_step.py --official /somewhere/DINO --demo-sized          # the demo's transformer, batch 4
     python bench/official_step.py --official /somewhere/DINO --size 800 1333 --pairs 3
     python bench/official_step.py --official /somewhere/DINO --compile             # and our compiled step
 
 DINO-4scale R50 (the official code builds no other ResNet) at the official DINO_4scale.py configuration:
-hidden 256, 900 queries, 6 + 6 layers, denoising on. The official model (official_parity.official_model:
-its own builder, random weights perturbed; its attention through its pure-PyTorch
-`ms_deform_attn_core_pytorch`, since its compiled op has no CPU code) is loaded into ours. Each step is
-what each code's training loop does: forward with the targets, the criterion, the weighted sum, backward,
-clipping to 0.1 and AdamW (the official main.py's two groups; its `.cuda()` and `.to('cuda')` made no-ops; torch's default AdamW for the official code,
-train.build_optimizer's fused one for ours). They take steps in turn on the same generated batch (20 boxes
-per image), after a first step each; it prints each one's median step time, images/s, and the median
-of the per-pair ratios official / ours.
+hidden 256, 900 queries, 6 + 6 layers, denoising on; with --demo-sized, the transformer of train.py --demo
+(3 + 3 layers, FFN 512, 100 queries, 50 denoising) in both, at hidden 256, the only width the official
+code builds. The official model
+(official_parity.official_model: its own builder, random weights perturbed; its attention through its
+pure-PyTorch `ms_deform_attn_core_pytorch`, since its compiled op has no CPU code) is loaded into ours.
+Each step is what each code's training loop does: forward with the targets, the criterion, the weighted
+sum, backward, clipping to 0.1 and AdamW (the official main.py's two groups; its `.cuda()` and
+`.to('cuda')` made no-ops; torch's default AdamW for the official code, train.build_optimizer's fused one
+for ours). They take steps in turn on the same generated batch (20 boxes per image), after a first step
+each; it prints each one's median step time, images/s, and the median of the per-pair ratios official /
+ours. Last, the bound any float32 code of this model has on this CPU: our step's matrix products,
+convolutions and attention alone, run again back to back on the same operands (`dense_floor`), and the
+official step's time over it.
 """
 import argparse
 import statistics
@@ -22,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,14 +39,54 @@ from losses import Criterion  # noqa: E402
 from model import build_dino  # noqa: E402
 from official_parity import official_model, on_the_cpu  # noqa: E402
 from static_shapes import compiled  # noqa: E402
-from train import build_optimizer, make_grad_scaler, train_step  # noqa: E402
+from train import DEMO, build_optimizer, make_grad_scaler, train_step  # noqa: E402
 from train_step import batch  # noqa: E402
 
 
-def official_step(official: Path, images, mask, targets):
+# the official code builds no hidden size but 256 (its positional query's sine embedding has 128 features
+# per coordinate, whatever hidden_dim says): the demo's transformer otherwise
+DEMO_TRANSFORMER = ("nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "dn_number")
+DENSE = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward",
+         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+class DenseOps(TorchDispatchMode):
+    """Records the matrix products, convolutions and fused attention dispatched while active, with their
+    operands, to run them again alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in DENSE:
+            self.calls.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def dense_floor(step, repeats: int = 3) -> tuple[float, float, int]:
+    """The time this CPU takes for one `step`'s dense arithmetic alone: every matrix product, convolution
+    (forward and backward) and fused attention the step dispatches, run again back to back on the same
+    operands, without anything else of the step between them (median of `repeats`). No code doing the same
+    arithmetic in float32 takes less. Returns (seconds, GFLOP of the step as FlopCounterMode counts them,
+    number of dense calls)."""
+    with DenseOps() as recorded:
+        step()
+    with FlopCounterMode(display=False) as flops:
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for func, args, kwargs in recorded.calls:
+            func(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), flops.get_total_flops() / 1e9, len(recorded.calls)
+
+
+def official_step(official: Path, images, mask, targets, transformer: dict):
     """The official model's training step (main.py's train_one_epoch: forward, criterion, weighted sum,
     backward, clip 0.1, AdamW with the backbone at 1e-5), and the model."""
-    model, criterion = official_model(official, "r50")  # puts the official checkout on sys.path
+    model, criterion = official_model(official, "r50", **transformer)  # puts the official checkout on sys.path
     from util.misc import NestedTensor
     model, samples = model.float().train(), NestedTensor(images, mask)
     backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
@@ -60,8 +108,8 @@ def official_step(official: Path, images, mask, targets):
     return step, model
 
 
-def our_step(state: dict, images, mask, targets, compile_step: bool):
-    cfg = make_config(backbone="r50", num_classes=91, compile=compile_step)
+def our_step(state: dict, images, mask, targets, transformer: dict, compile_step: bool):
+    cfg = make_config(backbone="r50", num_classes=91, compile=compile_step, **transformer)
     model = build_dino(**vars(cfg)).train()
     load_checkpoint(model, state)
     criterion, optimizer, scaler = Criterion(cfg), build_optimizer(model, cfg), make_grad_scaler(images.device, cfg)
@@ -73,17 +121,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", type=Path, required=True, help="a checkout of IDEA-Research/DINO")
     parser.add_argument("--size", type=int, nargs=2, default=(200, 333), metavar=("H", "W"))
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, help="default: 2, with --demo-sized the demo's 4")
+    parser.add_argument("--demo-sized", action="store_true",
+                        help="the demo's transformer (train.py --demo) on R50 instead of the official one")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also our compiled step (train.py --compile)")
     args = parser.parse_args()
+    transformer = {k: DEMO[k] for k in DEMO_TRANSFORMER} if args.demo_sized else {}
+    args.batch_size = args.batch_size or (DEMO["batch_size"] if args.demo_sized else 2)
     images, mask, targets = batch(tuple(args.size), args.batch_size, torch.device("cpu"))
-    theirs, model = official_step(args.official.resolve(), images, mask, targets)
-    steps = {"official": theirs, "ours": our_step(model.state_dict(), images, mask, targets, False)}
+    theirs, model = official_step(args.official.resolve(), images, mask, targets, transformer)
+    steps = {"official": theirs, "ours": our_step(model.state_dict(), images, mask, targets, transformer, False)}
     if args.compile:
-        steps["ours compiled"] = our_step(model.state_dict(), images, mask, targets, True)
-    print(f"DINO-4scale R50, CPU ({torch.get_num_threads()} threads), batch {args.batch_size} of "
-          f"{args.size[0]}x{args.size[1]}, float32; first steps:")
+        steps["ours compiled"] = our_step(model.state_dict(), images, mask, targets, transformer, True)
+    print(f"DINO-4scale R50, {transformer or 'the official transformer'}, CPU ({torch.get_num_threads()} "
+          f"threads), batch {args.batch_size} of {args.size[0]}x{args.size[1]}, float32; first steps:")
     for name, step in steps.items():
         torch.manual_seed(0)
         start = time.perf_counter()
@@ -99,6 +151,11 @@ def main():
         ratio = statistics.median(o / s for o, s in zip(times["official"], seconds))
         print(f"{name:14s} {statistics.median(seconds):7.3f} s/step {args.batch_size / statistics.median(seconds):6.2f} "
               f"images/s  {ratio:.2f}x the official code's speed (median of {args.pairs} pairs)")
+    floor, gflop, calls = dense_floor(steps["ours"])
+    official = statistics.median(times["official"])
+    print(f"our step's dense arithmetic alone ({calls} matrix products, convolutions and attention calls, "
+          f"{gflop:.0f} GFLOP), run back to back: {floor:.3f} s, {gflop / floor:.0f} GFLOP/s; a float32 step "
+          f"of this model on this CPU is at most {official / floor:.2f}x the official code's speed")
 
 
 if __name__ == "__main__":
