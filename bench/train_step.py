@@ -23,9 +23,10 @@ TorchDispatchMode sees them (eager only: Dynamo runs a compiled function eagerly
 the aten operators the host calls, as torch.profiler records them (those called by no other operator: in a
 compiled step, the ones the compiled programs call, such as matrix products and convolutions, and
 everything outside them). On a GPU it also counts the kernel launches and the host's waits for the
-device (torch.cuda.set_sync_debug_mode) per step. --compiled-speed times eager and compiled steps in
-turn (--iters pairs) and prints the median of the per-pair ratios, and the compiled first step's time
-(compilation included) and loss against the eager one's.
+device (torch.cuda.set_sync_debug_mode) per step. --compiled-speed times eager steps, eager steps on the
+batch padded as the compiled step pads it, and compiled steps in turn (--iters rounds), and prints each
+one's median of the per-round ratios to eager, and the compiled first step's time (compilation included)
+and loss against the eager one's.
 """
 import argparse
 import collections
@@ -83,18 +84,20 @@ def build_on(device: torch.device, **overrides):
         return build_dino(**overrides)
 
 
-def training_step(overrides: dict, size, batch_size: int, device: torch.device):
+def training_step(overrides: dict, size, batch_size: int, device: torch.device, padded: bool | None = None):
     """A function taking one train.train_step of the configuration on a fixed generated batch, returning its
     terms; under overrides["compile"] as train.py --compile takes it (compiled model, criterion's compiled
-    programs, the images padded to static_shapes' size bucket). The model is made with seed 0 either way."""
+    programs, the images padded to static_shapes' size bucket). `padded` (default: when compiled) pads the
+    images to the size bucket. The model is made with seed 0 either way."""
     cfg = make_config(**overrides)
     model = build_on(device, **dataclasses.asdict(cfg)).train()
     criterion, optimizer, scaler = Criterion(cfg), build_optimizer(model, cfg), make_grad_scaler(device, cfg)
     images, mask, targets = batch(size, batch_size, device, cfg.num_classes)
-    if cfg.compile:
+    if cfg.compile if padded is None else padded:
         step = bucket_step(cfg.scale)
         padding = (0, -size[1] % step, 0, -size[0] % step)
         images, mask = F.pad(images, padding), F.pad(mask, padding, value=True)
+    if cfg.compile:
         model = compiled(model)
     return lambda: train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg)
 
@@ -158,8 +161,11 @@ def count_ops(overrides: dict, size, batch_size: int, device: torch.device) -> N
 
 
 def compiled_speed(overrides: dict, size, batch_size: int, pairs: int, device: torch.device) -> None:
-    """Eager and compiled steps in turn, after a first step each (the compiled one compiles)."""
+    """Eager steps, eager steps on the compiled step's padded batch and compiled steps in turn, after a first
+    step each (the compiled one compiles)."""
     eager, compiled_step = (training_step({**overrides, "compile": c}, size, batch_size, device) for c in (False, True))
+    steps = {"eager": eager, "eager padded": training_step(overrides, size, batch_size, device, padded=True),
+             "compiled": compiled_step}
     torch.manual_seed(1)
     want = eager()["loss"].item()
     torch.manual_seed(1)
@@ -167,18 +173,19 @@ def compiled_speed(overrides: dict, size, batch_size: int, pairs: int, device: t
     got = compiled_step()["loss"].item()
     print(f"first compiled step {time.perf_counter() - start:.0f} s (compilation included); its loss {got:.6f}, "
           f"eager {want:.6f}")
-    times = {"eager": [], "compiled": []}
+    steps["eager padded"]()
+    times = {name: [] for name in steps}
     for _ in range(pairs):
-        for name, step in (("eager", eager), ("compiled", compiled_step)):
+        for name, step in steps.items():
             synchronize(device)
             start = time.perf_counter()
             step()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    ratio = statistics.median(e / c for e, c in zip(times["eager"], times["compiled"]))
-    print(f"step: eager {statistics.median(times['eager']):.3f} s, compiled {statistics.median(times['compiled']):.3f} s "
-          f"(median of {pairs}); compiled is {ratio:.2f}x eager's speed (median of the pairs' ratios), "
-          f"{batch_size / statistics.median(times['compiled']):.2f} images/s")
+    for name, seconds in times.items():
+        ratio = statistics.median(e / c for e, c in zip(times["eager"], seconds))
+        print(f"{name:13s} {statistics.median(seconds):.3f} s/step (median of {pairs}), {ratio:.2f}x eager's speed "
+              f"(median of the rounds' ratios), {batch_size / statistics.median(seconds):.2f} images/s")
 
 
 def time_training(overrides: dict, size, batch_size: int, iters: int, device: torch.device) -> tuple[float, float | None]:
