@@ -123,8 +123,8 @@ MUTANTS = [
       "finite &= torch.isfinite(norm)", "finite &= True", ("tests/test_train.py",)),
     M("step: a skipped step never reported", "train.py", "if skipped is not None and skipped.item():", "if False:",
       ("tests/test_train.py",)),
-    M("step: compiled targets padded to the batch", "train.py", "for t in targets), compiled=True))",
-      "for t in targets), compiled=False))", ("tests/test_compile.py",)),
+    M("step: compiled targets padded to the batch", "train.py", "for t in targets), cfg.compile))",
+      "for t in targets), False))", ("tests/test_compile.py",)),
     # --- the data checks and targets -----------------------------------------------------------------------
     M("data: x2 clipped to the height", "data.py", "min(x + w, img[\"width\"])", "min(x + w, img[\"height\"])",
       ("tests/test_data.py",)),
