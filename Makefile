@@ -24,7 +24,7 @@ test: install
 # pycocotools, no package downloads): every GPU figure of BENCHMARKS.md, as markdown, in about 6 minutes.
 GPU_CHECK_OUTPUT ?= gpu_check.md
 gpu-check:
-	$(PYTHON) bench/gpu_check.py --output $(GPU_CHECK_OUTPUT)
+	$(PYTHON) bench/gpu_check.py --output $(GPU_CHECK_OUTPUT) $(if $(OFFICIAL),--official $(OFFICIAL))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

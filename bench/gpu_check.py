@@ -14,7 +14,10 @@ to fail without stopping the others:
   6. where the GPU's detections depart from the CPU's, stage by stage, eager and compiled
      (bench/gpu_agreement.py);
   7. the compiled training step (train.py --compile), bf16, against the eager one: R50 batch 2 and Swin-L
-     1.5x batch 2, images/s, peak memory, kernel launches and waits for the device per step.
+     1.5x batch 2, images/s, peak memory, kernel launches and waits for the device per step;
+  8. with --official DIR (a checkout of IDEA-Research/DINO, which the GPU machine must be given, as it
+     cannot download: `make gpu-check OFFICIAL=DIR`), our float32 training step against the official code's
+     (bench/official_step.py): R50 800x1333 batch 2, Swin-L 1.5x batch 1 and 2.
 It needs torch, torchvision, numpy, scipy and ninja (pytest for step 2), never pycocotools. The table is
 printed last and written to --output after every step, so a run cut short still leaves what it measured.
 """
@@ -45,9 +48,11 @@ TARGETS = {  # issue 14: peak training memory (GiB, bf16 with checkpointing) and
 # the shapes of a full run, and of a dry run (a small model, small images, on the CPU)
 FULL = dict(training=[("swinl", 1.5, 2), ("swinl", 1.5, 1), ("r50", 1.0, 2)], train_iters=5,
             compiled_training=[("r50", 1.0, 2), ("swinl", 1.5, 2)], compile_backend="inductor",
+            official=[("r50", (800, 1333), 2), ("swinl", (1200, 2000), 1), ("swinl", (1200, 2000), 2)], official_pairs=5,
             inference_iters=30, msda_iters=20, msda_levels=msda.LEVELS, decoder_queries=1100, overrides={})
 DRY = dict(training=[("r18", 0.06, 2)], train_iters=1, inference_iters=1, msda_iters=1,
            compiled_training=[("r18", 0.06, 2)], compile_backend="aot_eager",  # checks the script, not inductor
+           official=[("r50", (200, 333), 1)], official_pairs=1,  # the official code's top-900 needs 900 tokens
            msda_levels=[(6, 10), (3, 5), (2, 3), (1, 2)], decoder_queries=11,
            overrides=dict(hidden_dim=64, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=64,
                           num_queries=20, dn_number=4))
@@ -206,6 +211,27 @@ def compiled_training_step(report: Report, device: torch.device, shapes: dict, d
     report.add("")
 
 
+def official_step(report: Report, device: torch.device, shapes: dict, official: Path | None, deadline: float):
+    """bench/official_step.py for each of shapes["official"], in a process of its own (the official code goes
+    on sys.path), its figures into the report."""
+    if official is None:
+        report.add("Not run: no `--official DIR` (`make gpu-check OFFICIAL=DIR`).", "")
+        return
+    for backbone, size, batch_size in shapes["official"]:
+        command = [sys.executable, "bench/official_step.py", "--official", str(official), "--device", device.type,
+                   "--backbone", backbone, "--size", *map(str, size), "--batch-size", str(batch_size),
+                   "--pairs", str(shapes["official_pairs"])]
+        shown = " ".join(["python", *command[1:]])
+        if time.perf_counter() > deadline:
+            report.add(f"`{shown}`: skipped, out of time", "")
+            continue
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                                timeout=max(60.0, deadline - time.perf_counter()))
+        print(result.stdout[-4000:], result.stderr[-3000:], flush=True)
+        figures = [line for line in result.stdout.splitlines() if line.startswith("DINO-4scale") or "s/step" in line]
+        report.add(f"`{shown}`: exit code {result.returncode}", "", *[f"    {line}" for line in figures], "")
+
+
 def inference_shape(device: torch.device) -> tuple[str, tuple[int, int]]:
     return ("r50", (800, 1333)) if device.type == "cuda" else ("r18", (64, 96))
 
@@ -244,6 +270,9 @@ def main():
     parser.add_argument("--budget", type=float, default=420, help="seconds after which training configurations are skipped")
     parser.add_argument("--compile-budget", type=float, default=240,
                         help="seconds more, after --budget, for step 7's compiled training (compilation included)")
+    parser.add_argument("--official", type=Path, help="a checkout of IDEA-Research/DINO: step 8 compares with it")
+    parser.add_argument("--official-budget", type=float, default=180,
+                        help="seconds more, after step 7's, for step 8's comparisons with the official code")
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("bench/gpu_check.py needs a CUDA GPU (or --dry-run)")
@@ -265,6 +294,9 @@ def main():
         lambda: report.add(*gpu_agreement.measure(device, inference_shape(device)[0], reference())))
     step(report, "7. compiled training step")(
         lambda: compiled_training_step(report, device, shapes, start + args.budget + args.compile_budget))
+    step(report, "8. against the official code")(lambda: official_step(
+        report, device, shapes, args.official and args.official.resolve(),
+        start + args.budget + args.compile_budget + args.official_budget))
     report.add(f"Total {time.perf_counter() - start:.0f} s.")
     print("\n" + "\n".join(report.lines))
     print(f"\nwritten to {args.output}")

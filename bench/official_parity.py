@@ -75,10 +75,16 @@ def official_args(official: Path, backbone: str, **overrides) -> argparse.Namesp
     return argparse.Namespace(**values)
 
 
-def official_model(official: Path, backbone: str, **overrides):
+def official_model(official: Path, backbone: str, own_op: bool = False, **overrides):
     """The official (model, criterion), random weights perturbed, float64, eval mode; `overrides` replace
-    values of the official config."""
+    values of the official config. Its attention runs through its pure-PyTorch version, or with own_op
+    through its compiled CUDA op where one is built (`import MultiScaleDeformableAttention` succeeds)."""
     sys.path.insert(0, str(official))
+    if own_op:
+        try:
+            import MultiScaleDeformableAttention  # noqa: F401  (the official models/dino/ops, built)
+        except ImportError:
+            own_op = False
     stand_ins()
     import models.dino.backbone as official_backbone
     from models.dino.dino import build_dino as build_official
@@ -88,7 +94,8 @@ def official_model(official: Path, backbone: str, **overrides):
     core = ms_deform_attn_func.ms_deform_attn_core_pytorch
     # the compiled op's apply(value, shapes, level_start_index, locations, weights, im2col_step), on the
     # official pure-PyTorch version
-    official_msda.MSDeformAttnFunction = types.SimpleNamespace(apply=lambda *a: core(a[0], a[1], a[3], a[4]))
+    if not own_op:
+        official_msda.MSDeformAttnFunction = types.SimpleNamespace(apply=lambda *a: core(a[0], a[1], a[3], a[4]))
     torch.manual_seed(0)
     with on_the_cpu():
         model, criterion, _ = build_official(official_args(official, backbone, **overrides))

@@ -22,8 +22,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = output.read_text()
     assert "FAILED" not in report, report
-    for step in range(1, 8):
+    for step in range(1, 9):
         assert f"_{step}. " in report and "done in" in report
+    assert "Not run: no `--official DIR`" in report  # step 8 needs a checkout of the official code
     assert "`pytest -m cuda`: exit code 0" in report
     assert report.count("| r18 ") == 5 + 2  # every memory configuration trained; step 7's eager and compiled steps
     assert "| r18 48x80, batch 2 | compiled |" in report
