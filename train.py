@@ -401,6 +401,9 @@ def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minu
              if setup.distributed else state.model)
     if cfg.compile:  # one program per batch shape, the shapes fixed by static_shapes.py; state.model stays eager
         model = compiled(model)
+        if setup.device.type == "cpu":
+            setup.log("--compile on the CPU: each new batch shape compiles for minutes, and a compiled step is no "
+                      "faster than an eager one there (BENCHMARKS.md); it is meant for GPUs")
     metrics = evaluate_and_save(setup, state, evaluated) if state.pending is not None else {}  # one owed from before
     clock = CheckpointClock(checkpoint_minutes, held.enter_context(StopSignals(setup.log)), setup.device)
     try:

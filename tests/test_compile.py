@@ -140,9 +140,10 @@ def test_a_compiled_training_step_gives_the_eager_steps_losses_and_weights(monke
     assert counters["stats"]["unique_graphs"] == 5 and not counters["graph_break"]
 
 
-def test_train_py_compile_runs_an_epoch_on_padded_batches(tmp_path, monkeypatch):
+def test_train_py_compile_runs_an_epoch_on_padded_batches(tmp_path, monkeypatch, capsys):
     """`train.py --compile` end to end (AOT autograd's eager backend, as above): the training batches padded to
-    multiples of 32 pixels (the size step at --scale 0.1), the model compiled, an epoch logged and evaluated."""
+    multiples of 32 pixels (the size step at --scale 0.1), the model compiled, an epoch logged and evaluated,
+    and the user told that on the CPU it does not pay."""
     import functools
     import json
 
@@ -164,3 +165,4 @@ def test_train_py_compile_runs_an_epoch_on_padded_batches(tmp_path, monkeypatch)
     assert len(seen) == 2 and all(h % 32 == 0 and w % 32 == 0 and kind == "OptimizedModule" for (h, w), kind in seen)
     log = json.loads((tmp_path / "out" / "log.jsonl").read_text())
     assert log["train"]["loss"] > 0 and "AP" in metrics
+    assert "--compile on the CPU: each new batch shape compiles for minutes" in capsys.readouterr().out
