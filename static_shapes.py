@@ -51,10 +51,10 @@ def pad_targets(targets: list[dict], slots: int) -> PaddedTargets:
     return PaddedTargets(labels, boxes, valid)
 
 
-def bucket_step(scale: float) -> int:
-    """The multiple of pixels that a compiled run pads each side of its batches to: SIZE_STEP at scale 1, a
+def bucket_step(scale: float, pixels: int = SIZE_STEP) -> int:
+    """The multiple of pixels that a compiled run pads each side of its batches to: `pixels` at scale 1, a
     multiple of 32 (the backbone's stride: every level then has whole cells)."""
-    return max(32, 32 * round(SIZE_STEP * scale / 32))
+    return max(32, 32 * round(pixels * scale / 32))
 
 
 def compiled(function):

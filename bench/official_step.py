@@ -45,7 +45,7 @@ from model import build_dino  # noqa: E402
 from official_parity import official_args, official_model, on_the_cpu  # noqa: E402
 from static_shapes import compiled  # noqa: E402
 from train import DEMO, build_optimizer, make_grad_scaler, train_step  # noqa: E402
-from train_step import batch, synchronize  # noqa: E402
+from train_step import batch, timed  # noqa: E402
 
 
 # the official code builds no hidden size but 256 (its positional query's sine embedding has 128 features
@@ -125,14 +125,6 @@ def our_step(state: dict, backbone: str, images, mask, targets, overrides: dict,
     criterion, optimizer, scaler = Criterion(cfg), build_optimizer(model, cfg), make_grad_scaler(images.device, cfg)
     run = compiled(model) if compile_step else model
     return lambda: train_step(run, criterion, optimizer, scaler, images, mask, targets, cfg)["loss"]
-
-
-def timed(step, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    step()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def main():

@@ -23,6 +23,7 @@ from torchvision import tv_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import load_coco, make_transforms, split_paths  # noqa: E402
+from static_shapes import bucket_step  # noqa: E402
 
 # (width, height): weight, a rounded stand-in for the sizes of COCO train2017's images
 COCO_SIZES = {(640, 480): 0.35, (640, 427): 0.25, (480, 640): 0.12, (427, 640): 0.08, (640, 640): 0.05,
@@ -63,7 +64,7 @@ def main():
     print(f"{args.batches} batches of {args.batch_size}, scale {args.scale}: extra pixels padded against the "
           f"batch's largest sides, distinct batch shapes")
     print(f"{'step':>5s} {'extra pixels':>13s} {'shapes':>7s} {'shapes for 99%':>15s}")
-    for step in sorted({step if step == 1 else max(32, 32 * round(step * args.scale / 32)) for step in STEPS}):
+    for step in sorted({step if step == 1 else bucket_step(args.scale, step) for step in STEPS}):
         extra, shapes = 0.0, collections.Counter()
         for batch in batches:
             H, W = max(h for h, _ in batch), max(w for _, w in batch)

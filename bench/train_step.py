@@ -65,6 +65,15 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def timed(step, device: torch.device) -> float:
+    """Seconds one call of `step` takes, the device's queued work before and its own work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def batch(size: tuple[int, int], batch_size: int, device: torch.device, num_classes: int = 91, boxes: int = 20):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, *size, generator=g).to(device)
@@ -177,11 +186,7 @@ def compiled_speed(overrides: dict, size, batch_size: int, pairs: int, device: t
     times = {name: [] for name in steps}
     for _ in range(pairs):
         for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(step, device))
     for name, seconds in times.items():
         ratio = statistics.median(e / c for e, c in zip(times["eager"], seconds))
         print(f"{name:13s} {statistics.median(seconds):.3f} s/step (median of {pairs}), {ratio:.2f}x eager's speed "
@@ -267,10 +272,11 @@ def main():
         compiled_speed(model_overrides, size, args.batch_size, args.iters, device)
         return
     if args.inference:
-        for compiled in (False, True) if args.compile else (False,):
+        for through_compiler in (False, True) if args.compile else (False,):
             for amp in (False, True):
-                fps, first, _ = time_inference(args.backbone, size, args.iters, device, amp, compiled=compiled, **extra)
-                how = f"compiled (first call {first:.0f} s)" if compiled else "eager"
+                fps, first, _ = time_inference(args.backbone, size, args.iters, device, amp, compiled=through_compiler,
+                                               **extra)
+                how = f"compiled (first call {first:.0f} s)" if through_compiler else "eager"
                 print(f"inference batch 1, {precision_name(device, amp)}, {how}: {fps:.1f} images/s", flush=True)
         return
     print(f"training, batch {args.batch_size} per step, {args.iters} steps")
