@@ -41,6 +41,7 @@ import msda  # noqa: E402
 import msda_cuda  # noqa: E402
 import train_step  # noqa: E402
 from inference import output_agreement  # noqa: E402
+from runs import write_atomically  # noqa: E402
 
 TARGETS = {  # issue 14: peak training memory (GiB, bf16 with checkpointing) and inference FPS; issue 26: compiled
     ("swinl", 2): 12, ("swinl", 1): 8, ("r50", 2): 8, "r50 fps bf16": 46,  # training images/s, bf16
@@ -59,14 +60,15 @@ DRY = dict(training=[("r18", 0.06, 2)], train_iters=1, inference_iters=1, msda_i
 
 
 class Report:
-    """The markdown lines so far, rewritten to `path` after each step."""
+    """The markdown lines so far, rewritten to `path` after each step (atomically: a run cut short mid-write
+    leaves the last whole report)."""
 
     def __init__(self, path: Path):
         self.path, self.lines = path, []
 
     def add(self, *lines: str):
         self.lines += lines
-        self.path.write_text("\n".join(self.lines) + "\n")
+        write_atomically(self.path, "\n".join(self.lines) + "\n")
 
 
 def step(report: Report, title: str):
