@@ -3,13 +3,14 @@
 Every official parameter name lives in this file: official DINO's (IDEA-Research/DINO at faa8520, the
 names inside checkpoint0011_4scale.pth and its Swin-L sibling; `reference/` lists them all) and those
 of the official Swin classification checkpoint that the Swin-L backbone starts from. Our own
-checkpoints (train.py, written by runs.TrainState.save) hold {"model", "ema", "optimizer",
-"lr_scheduler", "scaler", "epoch", "next", "partial", "pending", "config", "categories", "rng",
-"best_ap", "stale"}.
+checkpoints (train.py, written from runs.TrainState.contents) hold {"model", "ema", "ema_updates",
+"optimizer", "lr_scheduler", "scaler", "epoch", "next", "partial", "pending", "config", "categories",
+"rng", "best_ap", "stale"}.
 """
 import argparse
 import dataclasses
 import re
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -88,15 +89,23 @@ def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor
 
 
 def read_checkpoint(path: str) -> dict:
+    """A checkpoint file as torch.load reads it, tensors only; a file that is none, one line saying so."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save writes a zip file (older ones, a pickle)
+        exported = " (an exported file: eval.py and onnx_detect.py take it)" if Path(path).suffix in (".onnx", ".xml") else ""
+        raise DataError(f"{path} is not a PyTorch checkpoint{exported}: give a .pth file that train.py or official "
+                        f"DINO wrote")
     # official checkpoints also hold their argparse.Namespace of settings: allow just that class
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-        except Exception as e:
-            raise DataError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e}); if it holds "
-                             f"objects other than tensors, re-save just its state dict") from e
+        except Exception as e:  # torch's messages run to many lines of advice: its first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {first}); if it holds "
+                            f"objects other than tensors, re-save just its state dict") from None
 
 
 def load_checkpoint(model: DINO, path_or_state_dict, ignore_class_heads: bool = False, name: str | None = None) -> list[str]:

@@ -151,10 +151,11 @@ def to_coco_results(detections: list[dict], targets: list[dict], category_ids: s
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, num_select: int = Config.num_select,
-             amp: bool = False) -> dict | None:
-    """COCO metrics of `model` on the loader's CocoDetection dataset; under torch.distributed each
-    process evaluates its share and rank 0 returns the metrics (the others None)."""
-    predicted = predict(model, loader, device, num_select, amp)
+             amp: bool = False, classes: list[int] | None = None) -> dict | None:
+    """COCO metrics of `model` on the loader's CocoDetection dataset, detecting only `classes` (the category
+    ids the model was trained on; None: every class); under torch.distributed each process evaluates its
+    share and rank 0 returns the metrics (the others None)."""
+    predicted = predict(model, loader, device, num_select, amp, classes)
     return coco_metrics(loader.dataset.coco, *predicted) if predicted is not None else None
 
 
@@ -171,9 +172,9 @@ def with_progress(items, every: float, line) -> Iterator:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, num_select: int = Config.num_select,
-            amp: bool = False) -> tuple[list[dict], list[int]] | None:
-    """The detections of `model` on the loader's CocoDetection dataset as COCO results (what pycocotools'
-    loadRes and the COCO test-dev server take), and the image ids they cover; under torch.distributed,
+            amp: bool = False, classes: list[int] | None = None) -> tuple[list[dict], list[int]] | None:
+    """The detections of `model` on the loader's CocoDetection dataset, among `classes` (None: all), as COCO
+    results (what pycocotools' loadRes and the COCO test-dev server take), and the image ids they cover; under torch.distributed,
     rank 0 returns every process's (the others None)."""
     dataset = loader.dataset
     model.eval()
@@ -185,7 +186,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, num_select: in
             outputs = model(images.to(device), mask.to(device))
         outputs = {k: at_least_float32(outputs[k]) for k in ("pred_logits", "pred_boxes")}
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        detections = [{k: v.cpu() for k, v in d.items()} for d in postprocess(outputs, sizes, num_select)]
+        detections = [{k: v.cpu() for k, v in d.items()} for d in postprocess(outputs, sizes, num_select, classes=classes)]
         results += to_coco_results(detections, targets, set(dataset.coco.cats))
         image_ids += [t["image_id"] for t in targets]
     if dist.is_available() and dist.is_initialized():
@@ -329,7 +330,7 @@ def evaluate_data(detector: Detector, args: argparse.Namespace, paths: tuple[Pat
     else:
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                              collate_fn=functools.partial(collate, canvas=detector.canvas))
-        results, image_ids = predict(detector.model, loader, detector.device, cfg.num_select, args.amp)
+        results, image_ids = predict(detector.model, loader, detector.device, cfg.num_select, args.amp, detector.classes)
     metrics = coco_metrics(dataset.coco, results, image_ids, args.score_thr)
     print(format_metrics(metrics))
     if args.slice:

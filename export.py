@@ -1,6 +1,6 @@
 """Export a trained DINO to ONNX: the whole detector, from images to post-processed detections.
 
-    python export.py CKPT [--output dino.onnx] [--height 800 --width 1333] [--batch N | --dynamic-batch] [--opset 17]
+    python export.py CKPT [--output dino.onnx] [--height H --width W] [--batch N | --dynamic-batch] [--opset 17]
                           [--msda gather|grid_sample] [--check-ap DIR] [--int8 --calibration DIR]
 
 CKPT is one of ours or an official DINO-4scale release checkpoint (R50 or Swin-L). The graph takes
@@ -29,6 +29,7 @@ compares their AP on DIR's validation images; --int8 writes an INT8 copy for Ope
 import argparse
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import random
@@ -44,10 +45,11 @@ from torch import Tensor, nn
 
 from checkpoints import model_from_checkpoint
 from config import ConfigError
-from data import IMAGENET_MEAN, IMAGENET_STD, CocoDetection, DataError, make_transforms, shapes_image, split_paths
+from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, DataError, eval_canvas, make_transforms, shapes_image,
+                  split_paths)
 from eval import coco_metrics, letterboxed_results
 from image_io import image_files, read_image
-from inference import Agreement, compare_detections
+from inference import Agreement, compare_detections, detected_classes
 from model import select_detections
 from msda_cuda import TRACED_FORMULATIONS, traced_as
 from onnx_detect import RUNTIMES, Session, graph_inputs, letterbox
@@ -66,9 +68,11 @@ class Deployable(nn.Module):
     """The detector as export.py writes it: uint8 letterboxed images, their valid and original sizes ->
     scores, labels, boxes (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, num_select: int):
+    def __init__(self, model: nn.Module, num_select: int, classes: list[int] | None = None):
         super().__init__()
         self.model, self.num_select = model, num_select
+        # the class indices that are the checkpoint's categories (inference.detected_classes), a constant of the graph
+        self.register_buffer("classes", torch.tensor(classes) if classes is not None else None, persistent=False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.eval()  # for good: the exporter puts back the mode it found, and training mode turns on Swin's drop path
@@ -80,22 +84,30 @@ class Deployable(nn.Module):
         mask = (rows >= valid_sizes[:, :1, None]) | (cols >= valid_sizes[:, 1:, None])  # (B, H, W) True on padding
         x = (images.float() / 255 - self.mean) / self.std  # data.make_transforms' normalisation
         out = self.model(x.masked_fill(mask[:, None], 0.0), mask)  # padded with zeros after it, as data.collate
-        return select_detections(out["pred_logits"], out["pred_boxes"], orig_sizes, self.num_select, clip=True)
+        return select_detections(out["pred_logits"], out["pred_boxes"], orig_sizes, self.num_select, True, self.classes)
 
 
 def export(deployable: Deployable, path: Path, height: int, width: int, batch: int, dynamic_batch: bool,
-           opset: int, msda: str = "gather") -> float:
-    """Write the ONNX file, the deformable attention traced as msda_cuda.TRACED_FORMULATIONS[msda]; returns
-    the seconds it took."""
+           opset: int, msda: str = "gather", categories: dict[int, str] | None = None) -> float:
+    """Write the ONNX file, the deformable attention traced as msda_cuda.TRACED_FORMULATIONS[msda], and the
+    category names by id in its metadata ("categories", JSON: onnx_detect.py prints them); returns the
+    seconds it took."""
     example = random_inputs(batch, height, width, seed=0)
     start = time.perf_counter()
+
+    def write(tmp: Path):
+        import onnx
+        torch.onnx.export(deployable, example, str(tmp), dynamo=False, opset_version=opset, input_names=INPUTS,
+                          output_names=OUTPUTS, do_constant_folding=True,
+                          dynamic_axes={name: {0: "batch"} for name in INPUTS + OUTPUTS} if dynamic_batch else None)
+        graph = onnx.load(str(tmp))
+        onnx.helper.set_model_props(graph, {"categories": json.dumps(categories or {})})
+        onnx.save(graph, str(tmp))
+
     with torch.no_grad(), warnings.catch_warnings(), traced_as(msda):
         # tracing warns at every shape it turns into a constant: fixed input sizes are the point
         warnings.simplefilter("ignore")
-        replace_atomically(path, lambda tmp: torch.onnx.export(
-            deployable, example, str(tmp), dynamo=False, opset_version=opset, input_names=INPUTS,
-            output_names=OUTPUTS, do_constant_folding=True,
-            dynamic_axes={name: {0: "batch"} for name in INPUTS + OUTPUTS} if dynamic_batch else None))
+        replace_atomically(path, write)
     return time.perf_counter() - start
 
 
@@ -282,10 +294,16 @@ def int8_options(args: argparse.Namespace) -> tuple[Path | None, list[Path]]:
     return int8, image_files([args.calibration], "--calibration")[:CALIBRATION_IMAGES]
 
 
+def check_size(args: argparse.Namespace) -> None:
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 32:
+            raise ConfigError(f"{flag} must be >= 32, got {value}")
+
+
 def checked_flags(args: argparse.Namespace) -> tuple[Path | None, list[Path], CocoDetection | None]:
     """Every flag checked before the export: (the INT8 file, its calibration images, --check-ap's dataset)."""
-    for flag, value, least in (("--height", args.height, 32), ("--width", args.width, 32), ("--batch", args.batch, 1),
-                               ("--opset", args.opset, 17)):
+    check_size(args)
+    for flag, value, least in (("--batch", args.batch, 1), ("--opset", args.opset, 17)):
         if value < least:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
     if args.opset > MAX_OPSET:
@@ -302,8 +320,9 @@ def main(argv: list[str] | None = None):
                                      epilog="\n".join(__doc__.splitlines()[2:4]))
     parser.add_argument("checkpoint", help="ours (train.py) or an official DINO-4scale release checkpoint")
     parser.add_argument("--output", default="dino.onnx")
-    parser.add_argument("--height", type=int, default=800, help="the fixed input height (default 800)")
-    parser.add_argument("--width", type=int, default=1333, help="the fixed input width (default 1333)")
+    parser.add_argument("--height", type=int, help="the fixed input height (default: the checkpoint's validation "
+                        "size, 800 x its --scale)")
+    parser.add_argument("--width", type=int, help="the fixed input width (default: 1333 x the checkpoint's --scale)")
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="a fixed batch size (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="any batch size")
@@ -324,10 +343,14 @@ def main(argv: list[str] | None = None):
         parser.exit(2, "export.py needs ONNX and ONNX Runtime: pip install onnx onnxruntime\n")
     try:
         int8, calibration, dataset = checked_flags(args)
-        model, cfg, _ = model_from_checkpoint(args.checkpoint)
-        deployable = Deployable(model, cfg.num_select)
+        model, cfg, categories = model_from_checkpoint(args.checkpoint)
+        default_height, default_width = eval_canvas(cfg.scale)  # the size it was trained and validated at
+        args.height, args.width = args.height or default_height, args.width or default_width
+        check_size(args)
+        deployable = Deployable(model, cfg.num_select, detected_classes(categories, cfg.num_classes))
         path = Path(args.output)
-        seconds = export(deployable, path, args.height, args.width, args.batch, args.dynamic_batch, args.opset, args.msda)
+        seconds = export(deployable, path, args.height, args.width, args.batch, args.dynamic_batch, args.opset,
+                         args.msda, categories)
         print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.0f} MiB, opset {args.opset}, {args.height}x{args.width}, "
               f"batch {'dynamic' if args.dynamic_batch else args.batch}, attention as {args.msda}) in {seconds:.0f} s")
         checked = 3 if args.dynamic_batch else args.batch  # a dynamic batch is checked with three images

@@ -224,6 +224,18 @@ def check_options(score_thr: float, slice: int | None, overlap: float, batch_siz
         raise ConfigError(f"batch_size (--batch-size) must be a positive integer, got {batch_size!r}")
 
 
+def detected_classes(categories: dict[int, str], num_classes: int) -> list[int] | None:
+    """The class indices a model with these categories reports: their ids (category ids are class indices;
+    the other rows of the class head are no category), or None, every class, where it names none."""
+    if not categories:
+        return None
+    outside = [c for c in categories if not 0 <= c < num_classes]
+    if outside:
+        raise ConfigError(f"category id {outside[0]} ({categories[outside[0]]!r}) is outside the model's "
+                          f"{num_classes} classes")
+    return sorted(categories)
+
+
 class Detector:
     """A trained DINO, from images to named detections:
 
@@ -234,7 +246,7 @@ class Detector:
 
     Each image is run alone, as eval.py runs it: resized as validation images are (shorter side 800 x the
     checkpoint's scale, longer at most 1333 x scale), post-processed as official DINO (the cfg.num_select
-    best (query, class) pairs), the boxes clipped to the image, those scoring under `score_thr` dropped.
+    best (query, class) pairs, among the classes that are the checkpoint's categories), the boxes clipped to the image, those scoring under `score_thr` dropped.
     `batch_size` > 1 runs that many consecutive images as one batch (throughput on a GPU; give images of
     one size together): each is zero-padded to its batch's largest, which the input projections' GroupNorm
     and the encoder's proposals see, so its detections move a little from its own run alone. `compile`:
@@ -245,6 +257,7 @@ class Detector:
                  amp: bool = False, compile: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.cfg, self.categories, self.amp = model.to(self.device).eval(), cfg, categories, amp
+        self.classes = detected_classes(categories, cfg.num_classes)
         self.canvas = eval_canvas(cfg.scale) if compile else None
         if compile:
             self.model = CompiledModel(self.model, mode="reduce-overhead" if self.device.type == "cuda" else None)
@@ -303,7 +316,7 @@ class Detector:
             out = self.model(batch.to(self.device), mask.to(self.device))
         out = {k: at_least_float32(out[k]) for k in ("pred_logits", "pred_boxes")}
         sizes = [tuple(image.shape[1:]) for image in images]
-        return [{k: v.cpu() for k, v in d.items()} for d in postprocess(out, sizes, self.cfg.num_select, clip=True)]
+        return [{k: v.cpu() for k, v in d.items()} for d in postprocess(out, sizes, self.cfg.num_select, True, self.classes)]
 
     def named(self, detected: dict, image: Tensor, source: str, score_thr: float) -> Detections:
         keep = detected["scores"] >= score_thr

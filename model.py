@@ -476,15 +476,22 @@ def build_dino(backbone: str = "r50", num_classes: int = 91, imagenet_backbone: 
 
 @torch.no_grad()
 def select_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor, num_select: int = Config.num_select,
-                      clip: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                      clip: bool = False, classes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The num_select best (query, class) pairs of each image, over all Q*K sigmoid scores, as in official
     DINO. logits (B, Q, K), boxes (B, Q, 4) cxcywh in [0, 1] of each image, target_sizes (B, 2) (height,
-    width) of the original images. Returns scores (B, n), labels (B, n), boxes (B, n, 4) x1y1x2y2 in the
-    original pixels, n = min(num_select, Q * K); with `clip`, the boxes clipped to the image (official DINO,
-    and the COCO evaluation here, leave them as predicted). Tensors in, tensors out: export.py traces it."""
+    width) of the original images; `classes` (K',) int64, the class indices that are categories (None: all
+    K). The class head has a row for every index up to the largest category id, and the rows that are no
+    category (COCO's 11 gaps, the data's unused ids) were trained as background only: they are never
+    reported. Returns scores (B, n), labels (B, n), boxes (B, n, 4) x1y1x2y2 in the original pixels,
+    n = min(num_select, Q * K'); with `clip`, the boxes clipped to the image (official DINO, and the COCO
+    evaluation here, leave them as predicted). Tensors in, tensors out: export.py traces it."""
+    if classes is not None:
+        logits = logits.index_select(-1, classes)
     B, Q, K = logits.shape
     scores, index = logits.sigmoid().reshape(B, Q * K).topk(min(num_select, Q * K), dim=1)
     query, labels = index // K, index % K
+    if classes is not None:
+        labels = classes[labels]
     boxes_xyxy = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))
     h, w = target_sizes.to(boxes.dtype).unbind(1)
     size = torch.stack([w, h, w, h], 1)[:, None]  # (B, 1, 4)
@@ -495,13 +502,17 @@ def select_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor, num_s
 
 
 @torch.no_grad()
-def postprocess(outputs: dict, target_sizes, num_select: int = Config.num_select, clip: bool = False) -> list[dict]:
+def postprocess(outputs: dict, target_sizes, num_select: int = Config.num_select, clip: bool = False,
+                classes: Tensor | None = None) -> list[dict]:
     """select_detections on the model's outputs, per image {"scores": (n,), "labels": (n,), "boxes": (n, 4)
-    absolute x1y1x2y2}. target_sizes (B, 2) (height, width) of the original images."""
+    absolute x1y1x2y2}. target_sizes (B, 2) (height, width) of the original images; `classes` the class
+    indices that are categories (None: all)."""
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     B = logits.shape[0]
     target_sizes = torch.as_tensor(target_sizes).to(boxes.device, non_blocking=True)  # no wait for the forward
     if target_sizes.shape != (B, 2):
         raise ValueError(f"target_sizes must be (batch, 2) = ({B}, 2) (height, width), got {tuple(target_sizes.shape)}")
-    scores, labels, boxes_xyxy = select_detections(logits, boxes, target_sizes, num_select, clip)
+    if classes is not None:
+        classes = torch.as_tensor(classes, dtype=torch.int64).to(logits.device, non_blocking=True)
+    scores, labels, boxes_xyxy = select_detections(logits, boxes, target_sizes, num_select, clip, classes)
     return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes_xyxy)]

@@ -12,7 +12,6 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import signal
 import socket
 import sys
@@ -91,10 +90,6 @@ def save_atomically(obj, path: Path) -> None:
     replace_atomically(path, save)
 
 
-def copy_atomically(source: Path, path: Path) -> None:
-    replace_atomically(path, lambda tmp: shutil.copyfile(source, tmp))
-
-
 def write_atomically(path: Path, text: str) -> None:
     replace_atomically(path, lambda tmp: tmp.write_text(text))
 
@@ -113,14 +108,17 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+EMA_WARMED_UP = 2 ** 40  # an EMA step count at which train.make_ema's warm-up is long over
+
+
 @dataclass
 class TrainState:
     """What a run changes as it trains, all of which a checkpoint holds: the weights, the optimiser, the lr
-    schedule, the loss scaler, the EMA of the weights, where training goes on (`epoch`, and `iteration` of
+    schedule, the loss scaler, the EMA of the weights (and how many steps it has averaged), where training goes on (`epoch`, and `iteration` of
     it: the next one to run), the best AP so far and the evaluations since it (--patience), the epoch's
     running loss sums (`running`, {"sums", "counts"}, when it stopped mid-epoch), a finished epoch's log
     record whose evaluation is still owed
-    (`pending`), and every process's random state. `save` and `restore` are the checkpoint's one writer
+    (`pending`), and every process's random state. `contents` and `restore` are the checkpoint's one writer
     and one reader; its keys are those of the checkpoints train.py has always written."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -134,22 +132,23 @@ class TrainState:
     running: dict | None = None
     pending: dict | None = None
 
-    def save(self, path: Path, config: dict, categories: dict[int, str], is_main: bool) -> None:
-        """Write the checkpoint to `path` (rank 0). Every process calls it: it gathers their random states."""
+    def contents(self, config: dict, categories: dict[int, str], is_main: bool) -> dict | None:
+        """The checkpoint as a dict (rank 0; None in the other processes). Every process calls it: it gathers
+        their random states."""
         rng = [rng_state()]
         if dist.is_available() and dist.is_initialized():
             rng = [None] * dist.get_world_size()
             dist.all_gather_object(rng, rng_state())
         if not is_main:
-            return
-        save_atomically({
+            return None
+        return {
             "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "config": config, "categories": categories, "rng": rng,
             "best_ap": self.best_ap, "stale": self.stale, "next": (self.epoch, self.iteration), "partial": self.running,
-            "pending": self.pending,
+            "pending": self.pending, "ema_updates": self.ema.n_averaged.item() if self.ema is not None else None,
             "epoch": self.epoch if self.iteration else self.epoch - 1,  # the epoch of the last iteration run
-        }, path)
+        }
 
     def restore(self, checkpoint: dict, rank: int) -> None:
         """Load a checkpoint that `save` wrote (or train.py before it: "next" is newer than "epoch")."""
@@ -159,6 +158,9 @@ class TrainState:
         self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
+            # the steps averaged so far, which the decay's warm-up reads (train.make_ema); checkpoints from
+            # before the warm-up have none: their average goes on with the constant decay it had
+            self.ema.n_averaged.fill_(checkpoint.get("ema_updates") or EMA_WARMED_UP)
         self.epoch, self.iteration = checkpoint.get("next", (checkpoint["epoch"] + 1, 0))
         self.running, self.pending = checkpoint.get("partial"), checkpoint.get("pending")
         self.best_ap, self.stale = checkpoint["best_ap"], checkpoint.get("stale", 0)  # (older checkpoints: no "stale")

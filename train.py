@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 import plots
 from checkpoints import load_pretrained, load_pretrained_backbone, pretrained_architecture, read_checkpoint
@@ -47,8 +47,8 @@ from losses import Criterion
 from model import DINO, TooFewTokens, build_dino
 from precision import amp_autocast, amp_dtype
 from static_shapes import bucket_step, compiled, pad_targets, target_slots
-from runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, copy_atomically,
-                  data_worker_init, signals_held, write_atomically)
+from runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, data_worker_init,
+                  save_atomically, signals_held, write_atomically)
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
 DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
@@ -60,14 +60,24 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+EMA_WARMUP = 2000  # tau, in steps, of the EMA's decay warm-up: RT-DETR's and ultralytics' ModelEMA
+
+
 def make_ema(model: DINO, decay: float) -> AveragedModel:
-    """Exponential moving average of the weights, ema = decay * ema + (1 - decay) * weights after every
-    step: torch's AveragedModel, one foreach lerp over all parameters; ema.module is the averaged DINO.
-    It starts from the model's initial weights (n_averaged = 1: AveragedModel would otherwise take the
-    first step's weights as they are). Buffers are copied, never averaged: frozen batch-norm statistics
-    do not change, and Swin's integer position indices must not."""
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
-    ema.n_averaged.fill_(1)
+    """Exponential moving average of the weights, ema = d_t * ema + (1 - d_t) * weights after step t, with
+    the decay warmed up as RT-DETR and ultralytics do, d_t = decay * (1 - exp(-t / EMA_WARMUP)): the first
+    steps' weights are followed closely, and the average reaches `decay`'s window of 1 / (1 - decay) steps
+    only after a few thousand. (Official DINO's EMA keeps `decay` from the first step: after 600 steps at
+    0.9997, 84% of its average is still the random initial weights, whose AP is 0.) torch's AveragedModel,
+    one foreach lerp over all parameters; ema.module is the averaged DINO, and ema.n_averaged counts t
+    from 1. Buffers are copied, never averaged: frozen batch-norm statistics do not change, and Swin's
+    integer position indices must not."""
+    def update(averaged: list[Tensor], current: list[Tensor], steps: Tensor):
+        decay_now = decay * (1 - torch.exp(-steps.double() / EMA_WARMUP))  # on the device: no wait for it
+        torch._foreach_lerp_(averaged, current, (1 - decay_now).to(averaged[0].dtype))
+
+    ema = AveragedModel(model, multi_avg_fn=update, use_buffers=False)
+    ema.n_averaged.fill_(1)  # it starts from the initial weights: AveragedModel would copy the first step's
     return ema.requires_grad_(False)
 
 
@@ -243,10 +253,15 @@ class Setup:
                                            generator=torch.Generator().manual_seed(cfg.seed + epoch),
                                            pin_memory=self.device.type == "cuda")
 
+    def contents(self, state: TrainState) -> dict | None:
+        """The checkpoint of `state` with this run's config and category names (rank 0; every process calls it)."""
+        return state.contents(dataclasses.asdict(self.cfg), self.train_set.category_names, self.is_main)
+
     def save(self, state: TrainState) -> None:
-        """checkpoint.pth from `state`, with this run's config and category names (every process calls it)."""
-        categories = self.train_set.category_names
-        state.save(self.checkpoint_path, dataclasses.asdict(self.cfg), categories, self.is_main)
+        """checkpoint.pth from `state` (every process calls it)."""
+        checkpoint = self.contents(state)
+        if checkpoint is not None:
+            save_atomically(checkpoint, self.checkpoint_path)
 
 
 class RunningLoss:
@@ -349,28 +364,42 @@ def train_one_epoch(setup: Setup, state: TrainState, model: torch.nn.Module, cri
 
 def evaluate_and_save(setup: Setup, state: TrainState, evaluated: torch.nn.Module) -> dict:
     """Finish the epoch whose log record is state.pending: evaluate `evaluated` if the record says it is due,
-    write the checkpoint again, now with nothing owed, keep it as best.pth if its AP is the best so far,
-    and append the record to log.jsonl. Returns the metrics ({} without an evaluation)."""
+    then write what depends on the epoch, and last the checkpoint that says nothing is owed. Returns the
+    metrics ({} without an evaluation).
+
+    The order makes the end of an epoch one recoverable sequence: best.pth (if the AP is the best so far),
+    metrics.json, the record in log.jsonl and the plots come first, and while checkpoint.pth still owes the
+    evaluation, a kill at any instant is completed by --resume, which does it all again: the same weights
+    give the same AP and the same choice of best.pth, and the log's record of the epoch is replaced, not
+    repeated (STYLE.md, point 15)."""
     record = dict(state.pending)
     metrics, best = {}, False
     if record.pop("evaluate"):
-        metrics = evaluate(evaluated, setup.loader(False), setup.device, setup.cfg.num_select, setup.cfg.amp) or {}
+        metrics = evaluate(evaluated, setup.loader(False), setup.device, setup.cfg.num_select, setup.cfg.amp,
+                           sorted(setup.train_set.category_names)) or {}
         if setup.is_main:  # rank 0 alone has the metrics
             setup.log(format_metrics(metrics))
             record["val"] = {k: metrics[k] for k in (*METRIC_NAMES, "per_class_AP")}  # not the curves
             best = metrics["AP"] > state.best_ap
             state.best_ap, state.stale = max(state.best_ap, metrics["AP"]), 0 if best else state.stale + 1
+        if setup.distributed:  # every process stops early (--patience) at the same epoch
+            shared = [state.best_ap, state.stale]
+            dist.broadcast_object_list(shared, src=0)
+            state.best_ap, state.stale = shared
     state.pending = None
-    setup.save(state)
+    checkpoint = setup.contents(state)  # every process: it gathers their random states
+    if not setup.is_main:
+        return metrics
     if best:
-        copy_atomically(setup.checkpoint_path, setup.output_dir / "best.pth")
+        save_atomically(checkpoint, setup.output_dir / "best.pth")
         write_atomically(setup.output_dir / "metrics.json", json.dumps(metrics, indent=2))
-    if setup.is_main:  # the whole log rewritten, not appended to: a kill mid-line would leave half a record
-        log_file = setup.output_dir / "log.jsonl"
-        log_text = (log_file.read_text() if log_file.exists() else "") + json.dumps(record) + "\n"
-        write_atomically(log_file, log_text)
-        if setup.plots:
-            run_plots(setup, evaluated, log_text, metrics if best else None)
+    log_file = setup.output_dir / "log.jsonl"  # rewritten whole, not appended to: no half line after a kill
+    log_text = "".join(line + "\n" for line in (log_file.read_text().splitlines() if log_file.exists() else [])
+                       if json.loads(line)["epoch"] < record["epoch"]) + json.dumps(record) + "\n"
+    write_atomically(log_file, log_text)
+    if setup.plots:
+        run_plots(setup, evaluated, log_text, metrics if best else None)
+    save_atomically(checkpoint, setup.checkpoint_path)  # the epoch is done: last
     return metrics
 
 
@@ -380,7 +409,7 @@ def run_plots(setup: Setup, evaluated: torch.nn.Module, log_text: str, best_metr
     folder = setup.output_dir / "plots"
     plots.training_plot([json.loads(line) for line in log_text.splitlines()], folder / "training.png")
     if best_metrics is not None:
-        detector = Detector(evaluated, setup.cfg, setup.val_set.category_names, setup.device, setup.cfg.amp)
+        detector = Detector(evaluated, setup.cfg, setup.train_set.category_names, setup.device, setup.cfg.amp)
         write_plots(detector, setup.val_set, best_metrics, folder, 0.3)
 
 
@@ -405,6 +434,9 @@ def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minu
             setup.log("--compile on the CPU: each new batch shape compiles for minutes, and a compiled step is no "
                       "faster than an eager one there (BENCHMARKS.md); it is meant for GPUs")
     metrics = evaluate_and_save(setup, state, evaluated) if state.pending is not None else {}  # one owed from before
+    if state.epoch >= cfg.epochs and not metrics:
+        setup.log(f"nothing left to train: {setup.checkpoint_path} has finished all {cfg.epochs} epochs; give a "
+                  f"larger --epochs to train on")
     clock = CheckpointClock(checkpoint_minutes, held.enter_context(StopSignals(setup.log)), setup.device)
     try:
         for epoch in range(state.epoch, cfg.epochs):
@@ -652,7 +684,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def demo_pictures(setup: Setup, state: TrainState, metrics: dict) -> None:
     evaluated = state.ema.module if state.ema is not None else state.model
-    detector = Detector(evaluated, setup.cfg, setup.val_set.category_names, setup.device, setup.cfg.amp)
+    detector = Detector(evaluated, setup.cfg, setup.train_set.category_names, setup.device, setup.cfg.amp)
     saved = save_pictures(detector, setup.val_set, 8, 0.3, setup.output_dir / "vis")
     setup.log(f"demo: AP50 {metrics.get('AP50', 0.0):.3f}, AP {metrics.get('AP', 0.0):.3f} on the generated "
               f"validation split; pictures of the detections in {saved[0].parent}")

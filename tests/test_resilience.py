@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from checkpoints import read_checkpoint
@@ -28,11 +29,35 @@ def shapes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def straight(shapes, tmp_path_factory):
-    """The log of a run that never stopped."""
+def straight_run(shapes, tmp_path_factory):
+    """The output folder of a run that never stopped, and a copy of the folder as it stood at each write
+    of its last epoch's end: just before the file was renamed into place (its temporary file written),
+    and at the end."""
     out = tmp_path_factory.mktemp("straight")
-    train.main(["--data", str(shapes), "--output-dir", str(out), *FLAGS])
-    return read_log(out)
+    snapshots, rename = [], os.replace
+
+    def snapshot_then_rename(source, destination):
+        if Path(destination).parent == out:
+            last_epoch_done = Path(destination).name == "checkpoint.pth" and read_checkpoint(source)["next"] == (2, 0)
+            if snapshots or last_epoch_done:
+                snapshots.append((Path(destination).name, copy_of(out, tmp_path_factory)))
+        rename(source, destination)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", snapshot_then_rename)
+        train.main(["--data", str(shapes), "--output-dir", str(out), *FLAGS])
+    return out, snapshots + [("", copy_of(out, tmp_path_factory))]
+
+
+def copy_of(folder: Path, tmp_path_factory) -> Path:
+    copy = tmp_path_factory.mktemp("snapshot") / "out"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns(".lock"))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run):
+    """The log of a run that never stopped."""
+    return read_log(straight_run[0])
 
 
 def read_log(folder: Path) -> list[dict]:
@@ -168,3 +193,30 @@ def test_a_second_ctrl_c_aborts_at_once():
     assert result.returncode == 128 + signal.SIGINT and "not aborted" not in result.stdout
     assert "SIGINT: stopping after this step" in result.stdout and "aborted by a second Ctrl-C" in result.stderr
 
+
+
+def test_a_kill_at_any_step_of_an_epochs_end_is_completed_by_resume(shapes, straight_run, capsys):
+    """The end of the last epoch writes checkpoint.pth (evaluation owed), best.pth, metrics.json, log.jsonl,
+    the plots and checkpoint.pth (nothing owed), in that order. Killed before each of these renames (its
+    temporary file written) and after the last, --resume leaves the files of the run that never stopped:
+    the same best.pth, metrics.json and log.jsonl (the epoch's seconds aside), and nothing owed."""
+    out, snapshots = straight_run
+    names = [name for name, _ in snapshots]
+    assert names[:4] == ["checkpoint.pth", "best.pth", "metrics.json", "log.jsonl"] and names[-2:] == ["checkpoint.pth", ""]
+    expected_files = sorted(p.relative_to(out) for p in out.rglob("*") if p.name != ".lock")
+    want_best = read_checkpoint(str(out / "best.pth"))
+    for killed_before, folder in snapshots:
+        train.main(["--data", str(shapes), "--output-dir", str(folder), *FLAGS, "--resume"])
+        where = f"killed before {killed_before or 'nothing'}"
+        without_seconds = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]
+        assert without_seconds(read_log(folder)) == without_seconds(read_log(out)), where
+        assert json.loads((folder / "metrics.json").read_text()) == json.loads((out / "metrics.json").read_text()), where
+        best = read_checkpoint(str(folder / "best.pth"))
+        assert best["best_ap"] == want_best["best_ap"] and best["pending"] is None, where
+        assert all(torch.equal(best["model"][k], v) for k, v in want_best["model"].items()), where
+        checkpoint = read_checkpoint(str(folder / "checkpoint.pth"))
+        assert checkpoint["pending"] is None and tuple(checkpoint["next"]) == (2, 0), where
+        assert sorted(p.relative_to(folder) for p in folder.rglob("*") if p.name != ".lock") == expected_files, where
+    out = capsys.readouterr().out
+    assert out.count("resumed from") == len(snapshots)
+    assert out.count("nothing left to train") == 1  # the run that was killed after its last write

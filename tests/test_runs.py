@@ -66,13 +66,12 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path):
 
 
 def test_a_kill_at_any_instant_of_a_write_leaves_the_old_file_or_the_new_one(tmp_path):
-    """A child process writes best.pth over and over (copy_atomically, as train.py keeps its best checkpoint)
+    """A child process writes best.pth over and over (save_atomically, as train.py keeps its best checkpoint)
     and is killed with SIGKILL at six instants: every time, best.pth is a complete checkpoint."""
-    good = tmp_path / "checkpoint.pth"
-    torch.save({"weights": torch.arange(2_000_000)}, good)
-    writer = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; from runs import copy_atomically\n"
+    writer = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; from runs import save_atomically\n"
+              f"checkpoint = {{'weights': torch.arange(2_000_000)}}\n"
               f"print('writing', flush=True)\n"
-              f"while True: copy_atomically(Path({str(good)!r}), Path({str(tmp_path / 'best.pth')!r}))")
+              f"while True: save_atomically(checkpoint, Path({str(tmp_path / 'best.pth')!r}))")
     for delay in [0.02 * k for k in range(6)]:
         child = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "writing"

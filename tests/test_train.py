@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ from checkpoints import read_checkpoint
 from config import Config
 from conftest import TINY, tiny_dino, tiny_flags
 from data import make_shapes_dataset
+from runs import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny model, trained fast on small images
@@ -259,18 +261,53 @@ def test_a_step_with_a_gradient_that_is_not_finite_is_not_taken_and_the_next_one
         train.train_step(*step)
 
 
-def test_ema_starts_from_the_initial_weights_and_moves_by_one_minus_decay():
-    """decay 0.9, not 0.5: swapping the weights of the average would show."""
+def test_ema_starts_from_the_initial_weights_and_moves_by_one_minus_the_warmed_up_decay():
+    """Step t moves the average by 1 - d_t, d_t = decay * (1 - exp(-t / EMA_WARMUP)); decay 0.9, not 0.5:
+    swapping the weights of the average would show."""
     model = tiny_dino()
     ema = train.make_ema(model, decay=0.9)
+    expected = model.level_embed.detach().clone()
+    for t in (1, 2, 3):
+        with torch.no_grad():
+            model.level_embed.add_(1.0)
+            model.backbone.body.bn1.running_mean.add_(3.0)  # a buffer: copied, not averaged
+        ema.update_parameters(model)
+        d = 0.9 * (1 - math.exp(-t / train.EMA_WARMUP))
+        expected = d * expected + (1 - d) * model.level_embed.detach()
+        torch.testing.assert_close(ema.module.level_embed, expected)
+    assert torch.equal(ema.module.backbone.body.bn1.running_mean, model.backbone.body.bn1.running_mean)
+    assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_the_ema_reaches_its_decay_after_the_warm_up():
+    model = tiny_dino()
+    ema = train.make_ema(model, decay=0.9)
+    ema.n_averaged.fill_(50 * train.EMA_WARMUP)
     initial = model.level_embed.detach().clone()
     with torch.no_grad():
         model.level_embed.add_(1.0)
-        model.backbone.body.bn1.running_mean.add_(3.0)  # a buffer: copied, not averaged
     ema.update_parameters(model)
     torch.testing.assert_close(ema.module.level_embed, 0.9 * initial + 0.1 * model.level_embed)
-    assert torch.equal(ema.module.backbone.body.bn1.running_mean, model.backbone.body.bn1.running_mean)
-    assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_a_checkpoint_keeps_the_steps_the_ema_has_averaged():
+    """The warm-up goes on where it stopped: a resumed run's average is the uninterrupted one's."""
+    def state():
+        model = tiny_dino()
+        optimizer = train.build_optimizer(model, Config())
+        return TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
+                          torch.amp.GradScaler("cpu", enabled=False), train.make_ema(model, 0.9997))
+    saved, resumed = state(), state()
+    for _ in range(3):
+        saved.ema.update_parameters(saved.model)
+    resumed.restore(saved.contents({}, {}, is_main=True), rank=0)
+    assert resumed.ema.n_averaged.item() == 4
+    with torch.no_grad():
+        saved.model.level_embed.add_(1.0)
+        resumed.model.level_embed.add_(1.0)
+    saved.ema.update_parameters(saved.model)
+    resumed.ema.update_parameters(resumed.model)
+    assert torch.equal(saved.ema.module.level_embed, resumed.ema.module.level_embed)
 
 
 @pytest.mark.parametrize("flags, message", [
