@@ -6,6 +6,7 @@
     python eval.py CKPT --video in.mp4 --output out.mp4       # every frame's detections drawn (PyAV)
     python eval.py CKPT --image huge.jpg --slice 640          # sliced inference (SAHI): small objects in large images
     python eval.py dino.onnx --data DIR [--runtime openvino]  # the exported file's AP (export.py wrote it)
+    python eval.py dino.int8.xml --data DIR                    # its INT8 copy's AP, in OpenVINO
 
 Prints the COCO box metrics (AP, AP50, AP75, APs, APm, APl and AP per class) and writes them to
 OUTPUT_DIR/metrics.json. CKPT is one of ours (train.py) or an official DINO-4scale release
@@ -32,7 +33,7 @@ from cpu_memory import heap_kept
 from data import CocoDetection, DataError, collate, make_transforms, split_paths
 from inference import Detector, check_options, image_sources, merge_detections
 from model import TooFewTokens, postprocess
-from onnx_detect import RUNTIMES, Session, graph_inputs
+from onnx_detect import RUNTIMES, graph_inputs, open_session
 from precision import amp_autocast, at_least_float32
 from runs import replace_atomically, writable, write_atomically
 from video import VideoReader, VideoWriter
@@ -361,9 +362,9 @@ def letterboxed_results(runs: dict, dataset: CocoDetection, size: tuple[int, int
 
 def evaluate_exported(args: argparse.Namespace, paths: tuple[Path, Path], output_dir: Path,
                       results_path: Path | None):
-    """CKPT is an exported .onnx file: its COCO metrics on --data in --runtime, each image letterboxed to the
-    file's size, printed and written as evaluate_data writes them."""
-    session = Session(args.checkpoint, args.runtime or "onnxruntime")
+    """CKPT is an exported file (.onnx, or --int8's .xml): its COCO metrics on --data in --runtime, each image
+    letterboxed to the file's size, printed and written as evaluate_data writes them."""
+    session = open_session(args.checkpoint, args.runtime)
     _, _, height, width = session.input_shape
     dataset = CocoDetection(*paths, make_transforms(train=False))
     results = letterboxed_results({"file": session}, dataset, (height, width))["file"]
@@ -376,8 +377,8 @@ def evaluate_exported(args: argparse.Namespace, paths: tuple[Path, Path], output
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description="Evaluate a DINO checkpoint (ours or official) with pycocotools, "
                                                  "or run it on images and videos.")
-    parser.add_argument("checkpoint", help="ours (train.py), an official release, or a .onnx file export.py wrote "
-                        "(then evaluated on --data in --runtime)")
+    parser.add_argument("checkpoint", help="ours (train.py), an official release, or a file export.py wrote (.onnx, "
+                        "or --int8's .xml; then evaluated on --data in --runtime)")
     parser.add_argument("--data", help="dataset folder: COCO (val2017/, annotations/instances_val2017.json), YOLO "
                         "(data.yaml, or the .yaml file) or Pascal VOC (Annotations/, JPEGImages/, ImageSets/Main/val.txt)")
     parser.add_argument("--val-images", help="image folder, with --val-json, for any other layout")
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None):
                              "are padded to a fixed size, and the first batch is checked against eager")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--runtime", choices=sorted(RUNTIMES),
-                        help="the runtime a .onnx file is evaluated in (default onnxruntime)")
+                        help="the runtime an exported file is evaluated in (default onnxruntime; openvino for .xml)")
     args = parser.parse_args(argv)
     try:
         run(parser, args)
@@ -436,18 +437,22 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
     output_dir = Path(args.output_dir)
     writable(output_dir / "metrics.json", "--output-dir")
     results_path = writable(output_dir / args.save_results, "--save-results") if args.save_results else None
-    if Path(args.checkpoint).suffix == ".onnx":
+    suffix = Path(args.checkpoint).suffix
+    if suffix in (".onnx", ".xml"):  # export.py's file, or the OpenVINO INT8 copy of --int8
         unused = [flag for flag, value in (("--image", args.image), ("--video", args.video), ("--slice", args.slice),
                                            ("--vis", args.vis), ("--plots", args.plots), ("--amp", args.amp),
                                            ("--compile", args.compile), ("--scale", args.scale)) if value]
         if unused:
-            parser.error(f"{unused[0]} is for checkpoints: a .onnx file is evaluated on --data (onnx_detect.py "
+            parser.error(f"{unused[0]} is for checkpoints: an exported file is evaluated on --data (onnx_detect.py "
                          f"runs it on images)")
+        args.runtime = args.runtime or ("openvino" if suffix == ".xml" else "onnxruntime")
+        if suffix == ".xml" and args.runtime != "openvino":
+            parser.error(f"{args.checkpoint} is an OpenVINO file: --runtime openvino runs it")
         if not Path(args.checkpoint).is_file():
             raise FileNotFoundError(f"{args.checkpoint} does not exist")
         return evaluate_exported(args, paths, output_dir, results_path)
     if args.runtime:
-        parser.error("--runtime is for a .onnx file export.py wrote")
+        parser.error("--runtime is for an exported file (export.py's .onnx, or its --int8 .xml)")
     if args.video:
         video_out = writable(Path(args.output or output_dir / f"{Path(args.video).stem}_detections.mp4"), "--output")
         VideoWriter.check_suffix(video_out.suffix, "--output")

@@ -12,6 +12,7 @@ best detections in the original image's pixels. `letterbox` here resizes with Pi
 eval.py with torchvision's, so their detections can differ by as much as the two resizings do.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ RUNTIMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}  # --runtime 
 
 class Session:
     """The exported model in one runtime, on the CPU: `session(feed)` -> its outputs as numpy arrays, in the
-    graph's order, then `extra_outputs` (names of intermediate tensors, for export.py's check).
+    graph's order, then `extra_outputs` (names of intermediate tensors, for export.py's check);
+    `session.categories`, the category names by id that export.py wrote into the file ({} if none).
 
     OpenVINO computes in float32 as exported (its default on CPUs with bf16 units is bf16)."""
 
@@ -55,6 +57,7 @@ class Session:
             model = proto.SerializeToString()
         session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.input_shape = session.get_inputs()[0].shape
+        self.categories = named(session.get_modelmeta().custom_metadata_map.get("categories"))
         return lambda feed: session.run(None, feed)
 
     def _openvino(self, extra_outputs, threads):
@@ -64,12 +67,19 @@ class Session:
         if extra_outputs:
             model.add_outputs(list(extra_outputs))
         self.input_shape = [d.get_length() if d.is_static else "batch" for d in model.inputs[0].get_partial_shape()]
+        where = ["framework", "categories"]  # where OpenVINO keeps an ONNX file's metadata, and saves it on
+        self.categories = named(model.get_rt_info(where).astype(str) if model.has_rt_info(where) else None)
         config = {"INFERENCE_PRECISION_HINT": "f32"} | ({"INFERENCE_NUM_THREADS": threads} if threads else {})
         compiled = core.compile_model(model, "CPU", config)
         return lambda feed: list(compiled(feed).values())
 
     def __call__(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.run(feed)
+
+
+def named(metadata: str | None) -> dict[int, str]:
+    """export.py's "categories" metadata (JSON, names by id) as {id: name}."""
+    return {int(k): v for k, v in json.loads(metadata).items()} if metadata else {}
 
 
 def letterbox(image: Image.Image, height: int, width: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -98,25 +108,44 @@ def detect(session, image: Image.Image, score_thr: float = 0.3) -> list[tuple[fl
     return [(float(s), int(l), b.tolist()) for s, l, b in zip(scores[0][keep], labels[0][keep], boxes[0][keep])]
 
 
+def open_session(path: str, runtime: str) -> Session:
+    """Session for a file a user named, or a DataError (one line) saying why it is none."""
+    if not Path(path).is_file():
+        raise DataError(f"model {path} does not exist (export.py writes it)")
+    if Path(path).suffix not in (".onnx", ".xml"):
+        raise DataError(f"model {path} is not an exported file: export.py CKPT writes a .onnx file (and --int8 a "
+                        f".xml one); a checkpoint is run by eval.py CKPT --image ...")
+    if Path(path).suffix == ".xml" and runtime != "openvino":
+        raise DataError(f"model {path} is an OpenVINO file: add --runtime openvino")
+    try:
+        return Session(path, runtime)
+    except Exception as e:  # the runtime's own error on a file it cannot read: many lines
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"model {path}: {RUNTIMES[runtime]} cannot load it ({first[:300]})") from None
+
+
+def score_threshold(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="the .onnx file export.py wrote (or its --int8 .xml, with --runtime openvino)")
     parser.add_argument("images", nargs="+")
-    parser.add_argument("--score-thr", type=float, default=0.3)
+    parser.add_argument("--score-thr", type=score_threshold, default=0.3)
     parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="onnxruntime")
     args = parser.parse_args()
-    if not Path(args.model).is_file():
-        parser.error(f"model {args.model} does not exist (export.py writes it)")
-    if Path(args.model).suffix == ".xml" and args.runtime != "openvino":
-        parser.error(f"model {args.model} is an OpenVINO file: add --runtime openvino")
-    session = Session(args.model, args.runtime)
     try:
+        session = open_session(args.model, args.runtime)
         for path in image_files(args.images, "image"):
             detections = detect(session, read_image(path, None), args.score_thr)
             print(f"{path}: {len(detections)} detections with score >= {args.score_thr}")
             for score, label, box in detections:
-                print(f"  {label}  {score:.3f}  x1y1x2y2 {[round(v, 1) for v in box]}")
-    except (DataError, FileNotFoundError) as e:  # a missing, unreadable or truncated image: one line
+                print(f"  {session.categories.get(label, label)}  {score:.3f}  x1y1x2y2 {[round(v, 1) for v in box]}")
+    except (DataError, FileNotFoundError) as e:  # a missing or wrong model, a missing or unreadable image: one line
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

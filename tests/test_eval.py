@@ -50,6 +50,18 @@ def test_ap_is_one_for_perfect_predictions_and_drops_as_they_degrade(shapes):
     assert 1.0 > aps[1] > aps[2]
 
 
+def test_the_evaluation_ranks_only_the_checkpoints_categories(shapes):
+    """A row of the class head that is no category (index 0 here), scoring highest everywhere, takes none of
+    the num_select places: the evaluation gives the oracle's AP of 1 with 4 detections kept per image."""
+    dataset = CocoDetection(*coco_paths(shapes, "val"), make_transforms(train=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate)
+    oracle = Oracle(dataset, noise=0.0)
+    for logits, _ in oracle.outputs:
+        logits[..., 0] = 9.0
+    metrics = evaluate(oracle, loader, torch.device("cpu"), num_select=4, classes=[1, 2, 3])  # objects: 4 at most
+    assert metrics["AP50"] == pytest.approx(1.0)
+
+
 def test_eval_command_on_a_trained_checkpoint(shapes, tmp_path):
     train.main(["--data", str(shapes), "--output-dir", str(tmp_path / "run"), *tiny_flags(), "--scale", "0.1",
                 "--epochs", "1", "--num-workers", "0"])

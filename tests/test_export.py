@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import export
 import onnx_detect
@@ -307,7 +308,7 @@ def test_eval_evaluates_an_exported_file_in_either_runtime(exported, tiny_checkp
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eval_main([str(tiny_checkpoint), "--data", str(shapes), "--runtime", "openvino", "--output-dir", str(tmp_path)])
-    assert "--runtime is for a .onnx file" in capsys.readouterr().err
+    assert "--runtime is for an exported file" in capsys.readouterr().err
 
 
 def test_int8_export_runs_end_to_end_and_keeps_scores_and_boxes_float(tiny_checkpoint, shapes, tmp_path):
@@ -336,6 +337,8 @@ def test_int8_export_runs_end_to_end_and_keeps_scores_and_boxes_float(tiny_check
     session = onnx_detect.Session(tmp_path / "tiny.int8.xml", "openvino")
     scores, labels, boxes = session(export_feed(export.generated_inputs(1, H, W)))
     assert scores.dtype == np.float32 and boxes.shape == (1, 150, 4) and np.isfinite(boxes).all()  # 30 queries x 5
+    eval_main([str(tmp_path / "tiny.int8.xml"), "--data", str(shapes), "--output-dir", str(tmp_path / "ap")])  # OpenVINO's
+    assert "AP" in json.loads((tmp_path / "ap" / "metrics.json").read_text())
 
 
 def export_feed(inputs):
@@ -363,3 +366,50 @@ def test_int8_without_nncf_is_one_line_naming_the_pip_command(tiny_checkpoint, t
         export.main([str(tiny_checkpoint), "--output", str(tmp_path / "x.onnx"), "--int8", "--calibration", str(tmp_path)])
     assert "--int8 needs NNCF and OpenVINO: pip install nncf openvino" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def two_categories(tmp_path_factory):
+    """A checkpoint whose data had category ids 3 and 9 alone, trained at --scale 0.1: a class head of 10
+    rows, 8 of which are no category."""
+    model = tiny_dino(num_classes=10, scale=0.1)
+    path = tmp_path_factory.mktemp("two") / "best.pth"
+    torch.save({"model": model.state_dict(), "config": dict(model.cfg.__dict__), "categories": {3: "block", 9: "disc"}},
+               path)
+    return path
+
+
+def test_the_export_takes_the_checkpoints_size_and_reports_only_its_categories_by_name(two_categories, tmp_path):
+    output = tmp_path / "two.onnx"
+    export.main([str(two_categories), "--output", str(output)])  # no --height, --width: the checkpoint's 80x133
+    for runtime in onnx_detect.RUNTIMES:
+        session = onnx_detect.Session(output, runtime)
+        assert session.input_shape[2:] == [80, 133] and session.categories == {3: "block", 9: "disc"}
+        scores, labels, _ = session(export_feed(export.generated_inputs(1, 80, 133)))
+        assert set(labels.flatten().tolist()) == {3, 9} and scores.shape == (1, 60)  # 30 queries x 2 categories
+    import random
+    from data import shapes_image
+    shapes_image(random.Random(1), 120, 90)[0].save(tmp_path / "a.png")
+    result = subprocess.run([sys.executable, str(ROOT / "onnx_detect.py"), str(output), str(tmp_path / "a.png"),
+                             "--score-thr", "0"], capture_output=True, text=True, timeout=120)
+    names = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert result.returncode == 0 and names == {"block", "disc"}, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_files_that_are_not_what_a_command_takes_are_one_line(two_categories, tmp_path, capsys):
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(picture), "--output", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{picture} is not a PyTorch checkpoint" in err
+    for args, message in [((two_categories, picture), f"model {two_categories} is not an exported file"),
+                          ((picture.with_suffix(".onnx"), picture), "cannot load it"),
+                          ((two_categories, picture, "--score-thr", "2"), "--score-thr: must be in [0, 1], got 2")]:
+        if args[0].suffix == ".onnx":
+            args[0].write_bytes(b"not a protobuf")
+        result = subprocess.run([sys.executable, str(ROOT / "onnx_detect.py"), *map(str, args)], capture_output=True,
+                                text=True, timeout=120)
+        lines = [line for line in result.stderr.strip().splitlines() if not line.startswith((" ", "usage:"))]
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr  # (argparse: usage too)

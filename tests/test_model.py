@@ -235,6 +235,22 @@ def test_postprocess_picks_the_best_query_class_pairs():
         postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([100, 200]))
 
 
+def test_postprocess_reports_only_the_classes_that_are_categories():
+    """Rows 0 and 2 of the class head are no category (ids 1 and 3 are): their scores, the highest here, are
+    never reported, and the best pairs among the categories' rows take their places."""
+    logits = torch.randn(2, 5, 4)
+    logits[..., 0] += 10.0
+    logits[..., 2] += 5.0
+    boxes = torch.rand(2, 5, 4) * 0.5 + 0.25
+    found = postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]] * 2), num_select=6,
+                        classes=[1, 3])
+    for b, result in enumerate(found):
+        assert set(result["labels"].tolist()) <= {1, 3} and len(result["labels"]) == 6
+        best = logits[b][:, [1, 3]].sigmoid().flatten().topk(6)
+        torch.testing.assert_close(result["scores"], best.values)
+        assert result["labels"].tolist() == [[1, 3][i % 2] for i in best.indices.tolist()]
+
+
 def test_too_many_queries_for_a_tiny_image_is_a_clear_error():
     with pytest.raises(TooFewTokens, match="gives 85 encoder tokens, fewer than the 900 queries .* about 209x209 pixels"):
         tiny_dino(num_queries=900).eval()(torch.randn(1, 3, 64, 64))

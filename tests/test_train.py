@@ -73,11 +73,11 @@ def test_without_matplotlib_training_says_so_once_and_goes_on(shapes, tmp_path, 
 def test_training_evaluates_one_image_at_a_time_as_eval_py(shapes, tmp_path, monkeypatch):
     """A padded batch changes the detections a little: the AP in log.jsonl must be what eval.py (--batch-size 1
     by default) gives for the checkpoint."""
-    batch_sizes, evaluate = [], train.evaluate
-    monkeypatch.setattr(train, "evaluate", lambda model, loader, *a: batch_sizes.append(loader.batch_size)
+    calls, evaluate = [], train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda model, loader, *a: calls.append((loader.batch_size, a[-1]))
                         or evaluate(model, loader, *a))
     run(shapes, tmp_path, "--epochs", "1")  # FLAGS train at batch size 2
-    assert batch_sizes == [1]
+    assert calls == [(1, [1, 2, 3])]  # one image at a time, detecting the data's category ids alone
 
 
 def test_patience_stops_when_ap_has_not_improved_for_that_many_evaluations(shapes, tmp_path, monkeypatch, capsys):
