@@ -85,8 +85,13 @@ def replace_atomically(path: Path, write) -> None:
 
 def save_atomically(obj, path: Path) -> None:
     def save(tmp: Path):
-        with open(tmp, "wb") as f:  # through Python's file: a full disk is an OSError, not torch's RuntimeError
-            torch.save(obj, f)
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's zip writer raises its own error while handling a failed write's
+                if isinstance(e.__context__, OSError):  # ("unexpected pos ..."): the OSError says what happened
+                    raise e.__context__ from None
+                raise
     replace_atomically(path, save)
 
 

@@ -50,6 +50,32 @@ def test_a_second_training_run_into_the_same_folder_is_refused(tmp_path, capsys)
     assert "is in use by a run that is still going" in capsys.readouterr().err
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 40 MB filesystem of its own (a tmpfs: needs root, as CI and the developers' machines run), smaller
+    than the tiny model's checkpoint with its optimiser state."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(folder)],
+                                                    capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("mounting a tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_run_that_fills_its_disk_stops_with_one_line_and_leaves_no_partial_file(small_filesystem, tmp_path, capsys):
+    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=2, num_val=1, size=(64, 96))
+    out = small_filesystem / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(shapes), "--output-dir", str(out), *tiny_flags(), "--scale", "0.1", "--epochs", "1",
+                    "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith(f"error: cannot write {out / 'checkpoint.pth'}: No space left on device")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no partial temporary file filling the disk
+
+
 needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux), a disk that is always full")
 
 
