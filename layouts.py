@@ -107,7 +107,7 @@ def yolo_images(data: dict, split: str, yaml_file: Path) -> tuple[Path, list[Pat
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.suffix == ".txt" and path.is_file():
-            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            lines = [line.strip() for line in names_in(path).splitlines() if line.strip()]
             files += [p if p.is_absolute() else root / p for p in map(Path, lines)]
         else:
             raise DataError(f"{yaml_file}: {split} entry {entry!r}: {path} is neither a folder of images nor a .txt list")
@@ -198,6 +198,9 @@ def voc_objects(xml_file: Path) -> tuple[dict, list[dict]]:
         except (TypeError, ValueError, AttributeError):
             raise DataError(f"{xml_file}: object {number} ({text(obj, 'name')!r}) has no numeric bndbox "
                             f"xmin, ymin, xmax, ymax") from None
+        for low, high, a, b in (("xmin", "xmax", xmin, xmax), ("ymin", "ymax", ymin, ymax)):
+            if a > b:
+                raise DataError(f"{xml_file}: object {number} ({text(obj, 'name')!r}) has {low} {a:g} > {high} {b:g}")
         objects.append({"name": text(obj, "name"), "bbox": [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1],
                         "difficult": text(obj, "difficult") == "1"})
         if not objects[-1]["name"]:
@@ -205,12 +208,18 @@ def voc_objects(xml_file: Path) -> tuple[dict, list[dict]]:
     return image, objects
 
 
+def names_in(listing: Path) -> str:
+    """A list of file names as text, decoded as the file system decodes names (UTF-8, and any other byte
+    kept as itself): a name that is not UTF-8 still opens the file it names."""
+    return listing.read_bytes().decode("utf-8", "surrogateescape")
+
+
 def read_voc(data_dir: Path, split: str) -> tuple[Path, dict]:
     """(image folder, COCO-format dict) of a Pascal VOC dataset's split (ImageSets/Main/SPLIT.txt)."""
     listing = data_dir / "ImageSets" / "Main" / f"{split}.txt"
     if not listing.is_file():
         raise DataError(f"--data {data_dir}: no {listing.relative_to(data_dir)} (the {split} split's image ids)")
-    ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in names_in(listing).splitlines() if line.strip()]
     parsed = {f.stem: voc_objects(f) for f in sorted((data_dir / "Annotations").glob("*.xml"))}  # each file once
     entries = [parsed.get(i) or voc_objects(data_dir / "Annotations" / f"{i}.xml") for i in ids]  # none: its error
     all_names = sorted({o["name"] for _, objects in parsed.values() for o in objects})

@@ -1,6 +1,8 @@
 """YOLO and Pascal VOC datasets (layouts.py): read into the COCO index that training and evaluation use, the
 same boxes as the COCO file they were written from, every malformed label named by file and line."""
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -170,6 +172,32 @@ def test_voc_difficult_objects_are_crowd_and_pixels_are_one_based(tmp_path):
         ("dog", [0, 0, 10, 20], 0), ("cat", [4, 5, 36, 25], 1)]  # the cat reaches the image's last pixel
     _, target = CocoDetection(images, ann, make_transforms(False, 1.0))[0]
     assert target["labels"].tolist() == [1]  # the difficult cat is no training target (dog 1, cat 0)
+
+
+def voc_folder(root: Path, objects: list, stem: str = "x") -> Path:
+    """A VOC dataset of one 40x30 image, `stem`.jpg (str: made of the file system's bytes), in the val split;
+    its annotation names no <filename> (VOC's image is then JPEGImages/ID.jpg)."""
+    from PIL import Image
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / folder).mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(root / "JPEGImages" / f"{stem}.jpg")
+    (root / "Annotations" / f"{stem}.xml").write_text(re.sub("<filename>.*</filename>", "", voc_xml("", 40, 30, objects)))
+    (root / "ImageSets" / "Main" / "val.txt").write_bytes(os.fsencode(stem) + b"\n")
+    return root
+
+
+@pytest.mark.parametrize("box, message", [([10, 1, 5, 20], "has xmin 10 > xmax 5"), ([1, 20, 10, 4], "has ymin 20 > ymax 4")])
+def test_a_voc_box_whose_corners_are_swapped_names_its_file_and_object(tmp_path, box, message):
+    voc_folder(tmp_path, [("dog", [1, 1, 10, 20], False), ("cat", box, False)])
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'Annotations' / 'x.xml'}: object 2 \('cat'\) {message}$"):
+        split_paths("val", str(tmp_path), None, None)
+
+
+def test_a_voc_image_whose_name_is_not_utf8_is_read(tmp_path):
+    stem = os.fsdecode(b"caf\xe9")  # Latin-1, as an older Windows tool names it
+    images, ann = split_paths("val", str(voc_folder(tmp_path, [("dog", [1, 1, 10, 20], False)], stem)), None, None)
+    image, target = CocoDetection(images, ann, make_transforms(False, 1.0))[0]
+    assert image.shape[1:] == (800, 1066) and target["labels"].tolist() == [0]  # resized for validation
 
 
 def test_an_unknown_layout_says_what_was_expected(tmp_path):
