@@ -213,13 +213,19 @@ class CompiledModel(torch.nn.Module):
         return outputs
 
 
+MIN_TILE = 64  # pixels: a smaller tile, enlarged to 800 x scale pixels, holds less than one token of level 4
+MAX_OVERLAP = 0.75  # more makes every pixel part of 16 tiles or more, for no object the tiles would not see
+MANY_TILES = 100  # an image sliced into more tiles is said to be, with the count: each tile is a forward pass
+
+
 def check_options(score_thr: float, slice: int | None, overlap: float, batch_size: int) -> None:
     if not 0 <= score_thr <= 1:
         raise ConfigError(f"score_thr (--score-thr) must be in [0, 1], got {score_thr}")
-    if slice is not None and (not isinstance(slice, int) or slice < 2):
-        raise ConfigError(f"slice (--slice) is a tile's side in pixels, at least 2, got {slice!r}")
-    if not 0 <= overlap < 1 or (slice and int(overlap * slice) >= slice):
-        raise ConfigError(f"overlap (--overlap) is a share of the tile in [0, 1), got {overlap}")
+    if slice is not None and (not isinstance(slice, int) or slice < MIN_TILE):
+        raise ConfigError(f"slice (--slice) is a tile's side in pixels, at least {MIN_TILE} (each tile is enlarged "
+                          f"to the model's input size), got {slice!r}")
+    if not 0 <= overlap <= MAX_OVERLAP:
+        raise ConfigError(f"overlap (--overlap) is a share of the tile in [0, {MAX_OVERLAP}], got {overlap}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size (--batch-size) must be a positive integer, got {batch_size!r}")
 
@@ -328,8 +334,12 @@ class Detector:
         """SAHI's passes over one image, each run alone: the whole image first, then each tile (tile_windows),
         the tiles' boxes moved into the image's pixels."""
         H, W = image.shape[1:]
+        windows = tile_windows(H, W, size, overlap)
+        if len(windows) > MANY_TILES:
+            warnings.warn(f"{source or 'the image'}: {W}x{H} pixels sliced into {len(windows)} tiles of {size}, "
+                          f"overlap {overlap}: {len(windows) + 1} forward passes")
         found = [self.named(self.run([image])[0], image, source, score_thr)]
-        for x1, y1, x2, y2 in tile_windows(H, W, size, overlap):
+        for x1, y1, x2, y2 in windows:
             if (x2 - x1, y2 - y1) != (W, H):  # a tile that is the whole image was run already
                 tile = self.named(self.run([image[:, y1:y2, x1:x2]])[0], image, source, score_thr)
                 tile.boxes = tile.boxes + torch.tensor([x1, y1, x1, y1], dtype=tile.boxes.dtype)

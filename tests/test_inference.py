@@ -13,7 +13,7 @@ from torchvision.ops import box_convert, box_iou
 
 import eval as evaluation
 import train
-from config import make_config
+from config import ConfigError, make_config
 from conftest import tiny_dino, tiny_flags
 from data import coco_category_names, make_shapes_dataset
 from image_io import DataError
@@ -259,6 +259,21 @@ def test_slicing_finds_the_small_objects_the_whole_image_misses_each_once():
     assert (iou.max(1).values > 0.6).all(), (squares, found.boxes)
 
 
+@pytest.mark.parametrize("options, message", [(dict(slice=63), "at least 64"), (dict(slice=64.0), "at least 64"),
+                                             (dict(slice=640, overlap=0.8), r"overlap \(--overlap\) is a share of the tile in \[0, 0.75\], got 0.8"),
+                                             (dict(slice=640, overlap=-0.1), "got -0.1")])
+def test_slicing_refuses_tiles_too_small_or_overlapping_too_much(options, message):
+    detector = Detector(BrightSpots(), make_config(scale=0.1), {1: "spot"}, "cpu")
+    with pytest.raises(ConfigError, match=message):
+        detector(torch.zeros(3, 100, 100, dtype=torch.uint8), **options)
+
+
+def test_slicing_into_many_tiles_says_how_many_before_it_starts():
+    detector = Detector(BrightSpots(), make_config(scale=0.1, num_select=20), {1: "spot"}, "cpu")
+    with pytest.warns(UserWarning, match=r"900x600 pixels sliced into 150 tiles of 64, overlap 0.0: 151 forward passes"):
+        detector(torch.zeros(3, 600, 900, dtype=torch.uint8), slice=64, overlap=0.0)
+
+
 def test_tiles_cover_the_image_and_overlap_as_asked():
     for H, W, size in [(600, 900, 100), (100, 250, 100), (50, 70, 100), (333, 1000, 128)]:
         windows = tile_windows(H, W, size, 0.2)
@@ -285,7 +300,7 @@ def test_merging_takes_a_part_into_its_whole_and_keeps_other_classes_and_places_
 
 def test_eval_data_with_slices_reports_both_aps(shapes, trained, tmp_path, capsys):
     checkpoint, _ = trained
-    evaluation.main([str(checkpoint), "--data", str(shapes), "--slice", "48", "--score-thr", "0.05",
+    evaluation.main([str(checkpoint), "--data", str(shapes), "--slice", "64", "--score-thr", "0.05",
                      "--output-dir", str(tmp_path), "--device", "cpu", "--num-workers", "0"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert "AP" in metrics and "AP" in metrics["whole_image"]
