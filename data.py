@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from config import ConfigError
 from image_io import DataError, read_image, stored_image_size
 from layouts import Converted, converted
-from runs import write_atomically
+from runs import writable, write_atomically
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None):
     try:
         image_dir, ann_file = split_paths(args.split, args.data, None, None)
         coco = load_coco(ann_file, image_dir)
-        write_atomically(Path(args.to_coco), json.dumps(coco.dataset))
+        write_atomically(writable(Path(args.to_coco), "--to-coco"), json.dumps(coco.dataset))
     except (DataError, FileNotFoundError, ConfigError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"wrote {args.to_coco}: {len(coco.imgs)} images, {len(coco.anns)} boxes, {len(coco.cats)} categories "

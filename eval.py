@@ -63,7 +63,9 @@ def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int], score_th
     detections scoring `score_thr` or more (confusion_counts)."""
     metrics = {name: 0.0 for name in METRIC_NAMES}
     names = {c: coco_gt.cats[c]["name"] for c in sorted(coco_gt.cats)}
-    metrics["per_class_AP"] = {name: 0.0 for name in names.values()}
+    # None for a class without objects in these images (pycocotools' -1: the mean AP leaves it out)
+    present = {a["category_id"] for i in image_ids for a in coco_gt.imgToAnns[i] if not a.get("iscrowd", 0)}
+    metrics["per_class_AP"] = {name: 0.0 if c in present else None for c, name in names.items()}
     recall = [i / 100 for i in range(101)]
     metrics["pr_curves"] = {"recall": recall, "classes": {}}
     metrics["confusion_matrix"] = {"score_thr": score_thr, "iou": 0.5, "classes": [*names.values(), "background"],
@@ -132,7 +134,7 @@ def confusion_counts(coco_gt, detections: list[dict], image_ids: list[int], scor
 
 def format_metrics(metrics: dict) -> str:
     """The seed's table: AP, AP50, AP75, APs, APm, APl, then AP per class, in percent ("-": no such objects)."""
-    percent = lambda v: f"{100 * v:5.1f}" if v >= 0 else "    -"  # pycocotools gives -1 for an empty area range
+    percent = lambda v: f"{100 * v:5.1f}" if v is not None and v >= 0 else "    -"  # pycocotools: -1 for no objects
     lines = ["  ".join(f"{name} {percent(metrics[name])}" for name in METRIC_NAMES[:6]), "AP per class:"]
     lines += [f"  {name:20s} {percent(ap)}" for name, ap in metrics["per_class_AP"].items()]
     return "\n".join(lines)

@@ -11,6 +11,8 @@ DINO, boxes clipped to the image) and returns `Detections`. Sliced inference (`s
 boxes mapped back and merged per class. eval.py, export.py and train.py draw, compile and compare
 through this file.
 """
+import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -242,6 +244,24 @@ def detected_classes(categories: dict[int, str], num_classes: int) -> list[int] 
     return sorted(categories)
 
 
+def encoder_tokens(height: int, width: int) -> int:
+    """About how many encoder tokens an image of height x width pixels gives: its 4 levels, strides 8 to 64."""
+    return sum(math.ceil(height / stride) * math.ceil(width / stride) for stride in (8, 16, 32, 64))
+
+
+def check_scale(cfg: Config, fewer_queries: str = "") -> None:
+    """A ConfigError before any work if cfg.scale resizes a square image (the fewest tokens a usual image
+    gives at a size) to fewer encoder tokens than the cfg.num_queries that mixed query selection keeps,
+    naming the --scale that gives enough (and `fewer_queries`, where the command can change them)."""
+    side = round(800 * cfg.scale)
+    if encoder_tokens(side, side) >= cfg.num_queries:
+        return
+    needed = next(n / 20 for n in itertools.count(1) if encoder_tokens(*[round(40 * n)] * 2) >= cfg.num_queries)
+    raise ConfigError(f"--scale {cfg.scale:g} resizes an image to {side} pixels on its shorter side, whose "
+                      f"{encoder_tokens(side, side)} encoder tokens are fewer than the {cfg.num_queries} queries the "
+                      f"model keeps: give --scale {needed:g} or more{fewer_queries}")
+
+
 class Detector:
     """A trained DINO, from images to named detections:
 
@@ -262,6 +282,7 @@ class Detector:
     def __init__(self, model: torch.nn.Module, cfg: Config, categories: dict[int, str], device=None,
                  amp: bool = False, compile: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_scale(cfg)
         self.model, self.cfg, self.categories, self.amp = model.to(self.device).eval(), cfg, categories, amp
         self.classes = detected_classes(categories, cfg.num_classes)
         self.canvas = eval_canvas(cfg.scale) if compile else None

@@ -166,7 +166,7 @@ class TooFewTokens(ValueError):
         side = math.ceil(math.sqrt(queries * 64 / (1 + 1 / 4 + 1 / 16 + 1 / 64)))
         super().__init__(f"an image (after resizing) gives {tokens} encoder tokens, fewer than the {queries} queries "
                          f"the model keeps: it needs about {side}x{side} pixels or more (or a model with fewer "
-                         f"queries, --num-queries)")
+                         f"queries)")
 
 
 class MLP(nn.Module):

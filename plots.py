@@ -62,6 +62,7 @@ def training_plot(records: list[dict], path: Path) -> Path:
     axes[5].legend()
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not -0.04
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # one epoch too: not a range of 0.09 around it
     return save_figure(figure, path)
 
 
@@ -72,7 +73,7 @@ def pr_curve_plot(metrics: dict, path: Path) -> dict[str, tuple[np.ndarray, np.n
     Figure = require_matplotlib()
     recall, classes = np.array(metrics["pr_curves"]["recall"]), metrics["pr_curves"]["classes"]
     curves = {name: (recall, np.array(c["iou_0.5"]), np.array(c["iou_0.5:0.95"])) for name, c in classes.items()}
-    figure = Figure(figsize=(13, 6), layout="constrained")
+    figure = Figure(figsize=(16, 6), layout="constrained")
     for ax, column, title in zip(figure.subplots(1, 2), (1, 2), ("IoU 0.5", "IoU 0.5:0.95 (mean)")):
         for name, curve in curves.items():
             ax.plot(recall, curve[column], linewidth=1 if len(curves) <= 20 else 0.5, alpha=1 if len(curves) <= 20 else 0.4,
@@ -81,20 +82,22 @@ def pr_curve_plot(metrics: dict, path: Path) -> dict[str, tuple[np.ndarray, np.n
             mean = np.mean([curve[column] for curve in curves.values()], axis=0)
             ax.plot(recall, mean, color="black", linewidth=3, label=f"all classes {mean.mean():.3f}")
         ax.set(title=f"precision-recall, {title}", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
-        ax.legend(fontsize=7 if len(curves) <= 20 else 9, loc="lower left",
+        ax.legend(fontsize=7 if len(curves) <= 20 else 9, loc="upper left", bbox_to_anchor=(1.01, 1),  # beside: on no curve
                   handles=ax.get_lines() if len(curves) <= 20 else ax.get_lines()[-1:])
     save_figure(figure, path)
     return curves
 
 
 def per_class_ap_plot(metrics: dict, path: Path) -> Path:
-    """AP (IoU 0.5:0.95) per class, best first, one bar each; the figure grows with the classes."""
+    """AP (IoU 0.5:0.95) per class, best first, one bar each; a class without validation objects (AP None)
+    last, without a bar, marked "no objects"; the figure grows with the classes."""
     Figure = require_matplotlib()
-    ranked = sorted(metrics["per_class_AP"].items(), key=lambda item: -item[1])
+    ranked = sorted(metrics["per_class_AP"].items(), key=lambda item: -item[1] if item[1] is not None else 1)
     figure = Figure(figsize=(8, 1.5 + 0.22 * len(ranked)), layout="constrained")
     ax = figure.subplots()
-    ax.barh(range(len(ranked)), [max(ap, 0) for _, ap in ranked], color="tab:blue")
-    ax.set_yticks(range(len(ranked)), [name for name, _ in ranked], fontsize=8)
+    ax.barh(range(len(ranked)), [ap or 0.0 for _, ap in ranked], color="tab:blue")
+    ax.set_yticks(range(len(ranked)), [name if ap is not None else f"{name} (no objects)" for name, ap in ranked],
+                  fontsize=8)
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="AP (IoU 0.5:0.95)", title=f"AP per class (all: {metrics['AP']:.3f})")
     return save_figure(figure, path)

@@ -42,7 +42,7 @@ from checkpoints import load_pretrained, load_pretrained_backbone, pretrained_ar
 from config import CHANGEABLE_ON_RESUME, MAX_CLASSES, Config, ConfigError, flag, make_config
 from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
 from eval import METRIC_NAMES, device_from_flag, evaluate, format_metrics, save_pictures, write_plots
-from inference import Detector
+from inference import Detector, check_scale
 from losses import Criterion
 from model import DINO, TooFewTokens, build_dino
 from precision import amp_autocast, amp_dtype
@@ -612,6 +612,7 @@ def set_up(parser: argparse.ArgumentParser, args: argparse.Namespace, held: cont
     if "num_classes" not in given and resumed is None:
         cfg = dataclasses.replace(cfg, num_classes=needed)
     check_categories(cfg, needed, train_set, val_set, log)
+    check_scale(cfg, " (or fewer --num-queries)")
     setup = Setup(cfg, device, output_dir, rank, world, distributed, train_set, val_set, log,
                   plots=rank == 0 and plots_available(log))
     return setup, resumed or pretrained

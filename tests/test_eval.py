@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import train
-from conftest import tiny_flags
+from config import make_config
+from conftest import TINY, tiny_dino, tiny_flags
 from data import CocoDetection, coco_paths, collate, make_shapes_dataset, make_transforms
 from eval import evaluate
 
@@ -195,4 +196,15 @@ def test_images_too_small_for_the_queries_are_one_line_naming_the_size_needed(sh
         eval_main(str(trained), "--image", str(image), "--scale", "0.02", "--output-dir", str(tmp_path))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert "fewer than the 30 queries the model keeps: it needs about 39x39 pixels or more" in err
+    assert "--scale 0.02 resizes an image to 16 pixels on its shorter side, whose 7 encoder tokens are fewer than " \
+           "the 30 queries the model keeps: give --scale 0.05 or more" in err.splitlines()[0]
+
+
+def test_an_image_smaller_than_its_scale_promised_is_one_line_naming_the_size_needed(tmp_path):
+    """A thin strip (the shorter side is --scale's, the longer one capped) still gives too few tokens: the
+    forward's own check, the pixels it needs."""
+    from inference import Detector
+    from model import TooFewTokens
+    detector = Detector(tiny_dino(num_queries=30).eval(), make_config(**TINY, scale=0.06), {}, "cpu")  # 48: 52 tokens
+    with pytest.raises(TooFewTokens, match="fewer than the 30 queries the model keeps: it needs about 39x39 pixels"):
+        detector(torch.zeros(3, 10, 400, dtype=torch.uint8))  # 48 x 80 at most: 1333 x 0.06

@@ -208,10 +208,10 @@ def test_an_unknown_layout_says_what_was_expected(tmp_path):
 def test_to_coco_writes_a_file_pycocotools_loads(shapes, tmp_path):
     data_dir = write_voc(shapes, tmp_path / "voc")
     result = subprocess.run([sys.executable, str(ROOT / "data.py"), str(data_dir), "--split", "val", "--to-coco",
-                             str(tmp_path / "val.json")], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr
+                             str(tmp_path / "new" / "val.json")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr  # its folder created, as every output path of a command
     from pycocotools.coco import COCO
-    coco = COCO(str(tmp_path / "val.json"))
+    coco = COCO(str(tmp_path / "new" / "val.json"))
     assert len(coco.imgs) == 3 and [c["name"] for c in coco.loadCats(coco.getCatIds())] == NAMES
     assert boxes_by_image(data_dir, "val") == [sorted((a["category_id"], a["bbox"]) for a in coco.imgToAnns[i])
                                                for i in sorted(coco.imgs)]

@@ -104,3 +104,32 @@ def test_without_matplotlib_the_plots_name_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ConfigError, match="plots need matplotlib: pip install matplotlib"):
         plots.require_matplotlib()
+
+
+def test_a_class_without_validation_objects_has_no_ap_not_an_ap_of_zero(tmp_path, monkeypatch):
+    """pycocotools leaves such a class out of the mean (-1): it is shown as "-", null in metrics.json, and
+    "no objects" without a bar in the plot; a class with objects but no detection keeps its AP of 0."""
+    from eval import format_metrics
+    gt = coco(["a", "b", "c"], [[("a", [10, 10, 50, 50]), ("c", [100, 100, 50, 50])]])
+    for found, a in (([result(1, 1, [10, 10, 50, 50], 0.9)], 1.0), ([], 0.0)):
+        metrics = coco_metrics(gt, found, [1])
+        assert metrics["per_class_AP"] == {"a": pytest.approx(a), "b": None, "c": 0.0}
+    assert [line.split() for line in format_metrics(metrics).splitlines()[2:]] == [["a", "0.0"], ["b", "-"], ["c", "0.0"]]
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: figures.append(figure) or path)
+    plots.per_class_ap_plot(metrics, tmp_path / "ap.png")
+    labels = [t.get_text() for t in figures[0].axes[0].get_yticklabels()]
+    assert labels == ["a", "c", "b (no objects)"]
+
+
+def test_one_epochs_axis_is_around_it_and_the_legends_lie_beside_the_curves(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: figures.append(figure) or path)
+    plots.training_plot([{"epoch": 0, "lr": 1e-4, "train": {"loss": 9.0}, "val": {"AP": 0.1, "AP50": 0.2}}], tmp_path / "t.png")
+    assert all(ax.get_xlim() == (-0.5, 0.5) for ax in figures[0].axes)
+    gt = coco(["a", "b"], [[("a", [10, 10, 50, 50]), ("b", [0, 200, 100, 100])]])
+    plots.pr_curve_plot(coco_metrics(gt, [result(1, 1, [10, 10, 50, 50], 0.9), result(1, 2, [0, 200, 90, 100], 0.8)], [1]),
+                        tmp_path / "pr.png")
+    figures[1].draw_without_rendering()
+    for ax in figures[1].axes:
+        assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1  # on no curve
