@@ -2,6 +2,7 @@
 torchrun restart each lose at most the work since the last checkpoint, and a resumed run then gives
 exactly the losses of one that never stopped (mid-epoch, batch 2, 2 data workers)."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -220,3 +221,21 @@ def test_a_kill_at_any_step_of_an_epochs_end_is_completed_by_resume(shapes, stra
     out = capsys.readouterr().out
     assert out.count("resumed from") == len(snapshots)
     assert out.count("nothing left to train") == 1  # the run that was killed after its last write
+
+
+def test_torchrun_processes_survive_batches_in_which_some_images_have_no_objects(tmp_path):
+    """8 training images, 7 of them without objects: at some step one process's batch has objects and the
+    other's none (their graphs differ: no denoising queries there), at another neither has any."""
+    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=8, num_val=2, size=(64, 96))
+    train_json = shapes / "annotations" / "instances_train2017.json"
+    data = json.loads(train_json.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] == 1]
+    train_json.write_text(json.dumps(data))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
+               "--data", str(shapes), "--output-dir", str(tmp_path / "out"), "--device", "cpu", *FLAGS[:-4], "--num-workers",
+               "0", "--epochs", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [record] = read_log(tmp_path / "out")
+    assert "AP" in record["val"] and all(math.isfinite(v) for v in record["train"].values())
