@@ -16,7 +16,7 @@ from config import ConfigError
 from checkpoints import read_checkpoint
 from conftest import tiny_flags
 from data import make_shapes_dataset
-from runs import WriteError, claim_output_dir, save_atomically
+from runs import EpochOrder, WriteError, claim_output_dir, save_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,3 +159,40 @@ def test_a_sigterm_to_the_group_or_to_a_data_worker_stops_the_run_in_order(tmp_p
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [json.loads(line)["epoch"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()] == [0]
+
+
+def test_each_epoch_visits_every_sample_once_in_an_order_and_with_augmentations_of_its_own():
+    """The order and the augmentation seeds change from epoch to epoch (a run that repeated them would see
+    one epoch many times), and are the same for the same seed and epoch (a resumed run sees the batches of
+    one that never stopped); each sample's seed is its own."""
+    epochs = [list(EpochOrder(10, seed=3, epoch=e)) for e in range(3)]
+    for samples in epochs:
+        assert sorted(i for i, _ in samples) == list(range(10)) and len({s for _, s in samples}) == 10
+    orders = [[i for i, _ in samples] for samples in epochs]
+    assert orders[0] != orders[1] != orders[2] and list(EpochOrder(10, seed=3, epoch=1)) == epochs[1]
+    seeds = [dict(samples) for samples in epochs]
+    assert all(seeds[0][i] != seeds[1][i] != seeds[2][i] for i in range(10))
+    assert [i for i, _ in EpochOrder(10, seed=4, epoch=0)] != orders[0]
+    assert list(EpochOrder(10, seed=3, epoch=1, skip=4)) == epochs[1][4:]
+
+
+def test_torchrun_processes_share_an_epoch_between_them():
+    """Two processes: disjoint halves of the epoch's order (11 samples: one repeated to even them out)."""
+    shares = [list(EpochOrder(11, seed=3, epoch=2, rank=r, world=2)) for r in range(2)]
+    assert len(shares[0]) == len(shares[1]) == 6 == len(EpochOrder(11, 3, 2, rank=1, world=2))
+    assert sorted({i for share in shares for i, _ in share}) == list(range(11))
+    whole = [i for i, _ in EpochOrder(11, seed=3, epoch=2)]
+    assert [i for i, _ in shares[0]] == whole[0::2] and [i for i, _ in shares[1]] == (whole + whole[:1])[1::2]
+
+
+def test_a_samples_augmentation_is_drawn_from_its_own_seed(tmp_path):
+    from data import CocoDetection, coco_paths, make_transforms
+    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=2, num_val=1, size=(64, 96))
+    dataset = CocoDetection(*coco_paths(shapes, "train"), make_transforms(train=True, scale=0.2), log=lambda *a: None)
+    torch.manual_seed(0)
+    first = dataset[(1, 123)]
+    torch.manual_seed(1)  # the process's generator plays no part
+    again = dataset[(1, 123)]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1]["boxes"], again[1]["boxes"])
+    others = [dataset[(1, seed)][0] for seed in range(124, 130)]
+    assert any(other.shape != first[0].shape or not torch.equal(other, first[0]) for other in others)
