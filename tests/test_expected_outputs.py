@@ -54,8 +54,12 @@ def fixed_run() -> dict[str, torch.Tensor]:
 def test_outputs_equal_the_stored_ones():
     expected, got = torch.load(EXPECTED), fixed_run()
     assert got.keys() == expected.keys()
-    for name in expected:  # float64: only the order of sums may differ between CPUs
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    for name in expected:
+        # float64, but the sine embeddings and the encoder's proposals are float32, as official DINO's: their
+        # sin, cos and log round by an ulp differently on other CPUs (glibc or SLEEF, AVX2 or AVX-512; stored
+        # on an AMD EPYC, an Intel Sapphire Rapids gave 3.5e-8 on logits, 1.5e-6 pixels on boxes), which no
+        # change to the computation comes near
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 if __name__ == "__main__":
