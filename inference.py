@@ -282,7 +282,6 @@ class Detector:
     def __init__(self, model: torch.nn.Module, cfg: Config, categories: dict[int, str], device=None,
                  amp: bool = False, compile: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        check_scale(cfg)
         self.model, self.cfg, self.categories, self.amp = model.to(self.device).eval(), cfg, categories, amp
         self.classes = detected_classes(categories, cfg.num_classes)
         self.canvas = eval_canvas(cfg.scale) if compile else None
@@ -295,7 +294,9 @@ class Detector:
              **overrides) -> "Detector":
         """The model a checkpoint was trained with (ours: its EMA weights where it kept them), named by its
         categories (official COCO releases: COCO's 80 names). `overrides`: config fields, e.g. scale=1.5."""
-        return cls(*model_from_checkpoint(str(checkpoint), **overrides), device, amp, compile)
+        model, cfg, categories = model_from_checkpoint(str(checkpoint), **overrides)
+        check_scale(cfg)
+        return cls(model, cfg, categories, device, amp, compile)
 
     def __call__(self, x, score_thr: float = 0.3, slice: int | None = None, overlap: float = 0.2,
                  batch_size: int = 1) -> "Detections | list[Detections]":
