@@ -8,7 +8,7 @@ The Swin-L here is written out (window attention with a relative position bias, 
 patch merging) and follows the detection variant the official DINO uses: inputs of any size are
 zero-padded to whole windows and patches, and the padded tokens are attended to, not masked.
 Differences from official DINO: no `timm` dependency (stochastic depth is torchvision's
-`stochastic_depth`). The official Swin classification weights load through checkpoints.py.
+`stochastic_depth`). The official Swin classification weights load through appendix/checkpoints.py.
 """
 from collections.abc import Sequence
 

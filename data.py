@@ -29,9 +29,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from config import ConfigError
-from image_io import DataError, read_image, stored_image_size
-from layouts import Converted, converted
-from runs import writable, write_atomically
+from appendix.image_io import DataError, read_image, stored_image_size
+from appendix.layouts import Converted, converted
+from appendix.runs import writable, write_atomically
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -272,7 +272,7 @@ def eval_canvas(scale: float = 1.0) -> tuple[int, int]:
 def collate(batch: list[tuple[Tensor, dict]], canvas: tuple[int, int] | None = None,
             multiple: int = 1) -> tuple[Tensor, Tensor, list[dict]]:
     """Zero-pad the images to the batch's largest height and width, each rounded up to a multiple of
-    `multiple` (a compiled training step's size buckets, static_shapes.py); or, given a canvas
+    `multiple` (a compiled training step's size buckets, appendix/static_shapes.py); or, given a canvas
     (shorter, longer) side, to one of three fixed sizes, as compiled inference wants: (shorter, longer)
     when every image is landscape, (longer, shorter) when every one is portrait, else (longer, longer).
     Returns images (B, 3, H, W), mask (B, H, W) True on padding, targets."""
@@ -389,7 +389,7 @@ def coco_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
 def split_paths(split: str, data_dir: str | None, images: str | None,
                 ann_file: str | None) -> tuple[Path, Path | Converted] | None:
     """(image folder, annotation file) of `split`: from a dataset folder (--data: COCO layout, or YOLO or VOC,
-    read into COCO's format: layouts.py), else from --{split}-images and --{split}-json; None when neither
+    read into COCO's format: appendix/layouts.py), else from --{split}-images and --{split}-json; None when neither
     is given."""
     if data_dir:
         if not Path(data_dir).exists():

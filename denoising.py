@@ -13,7 +13,7 @@ largest object count in the batch: sparse images get many groups, crowded ones f
 fewer than G_max objects fill their free slots with padding queries (zero content, the centred box
 (0.5, 0.5, 0.5, 0.5)), which are trained as "no object" like the negatives.
 
-Fixed shapes (static_shapes.py): there are always Q_dn = 2 * max(dn_number, G) DN queries, G the
+Fixed shapes (appendix/static_shapes.py): there are always Q_dn = 2 * max(dn_number, G) DN queries, G the
 targets' padded width (>= G_max), and the group structure is computed on the device from the
 targets' mask, so a batch's object counts change values, never shapes, and are never read by the
 host. The slots after the last group are unused: padding queries that no other query sees (they form
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from static_shapes import PaddedTargets
+from appendix.static_shapes import PaddedTargets
 
 
 class DNQueries(NamedTuple):

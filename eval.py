@@ -27,16 +27,16 @@ import torch.distributed as dist
 from PIL import Image
 from torchvision.ops import box_convert, box_iou
 
-import plots
+from appendix import plots
 from config import Config, ConfigError
-from cpu_memory import heap_kept
+from appendix.cpu_memory import heap_kept
 from data import CocoDetection, DataError, collate, make_transforms, split_paths
-from inference import Detector, check_options, image_sources, merge_detections
+from appendix.inference import Detector, check_options, image_sources, merge_detections
 from model import TooFewTokens, postprocess
-from onnx_detect import RUNTIMES, graph_inputs, open_session
-from precision import amp_autocast, at_least_float32
-from runs import replace_atomically, writable, write_atomically
-from video import VideoReader, VideoWriter
+from appendix.onnx_detect import RUNTIMES, graph_inputs, open_session
+from appendix.precision import amp_autocast, at_least_float32
+from appendix.runs import replace_atomically, writable, write_atomically
+from appendix.video import VideoReader, VideoWriter
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -445,7 +445,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
                                            ("--vis", args.vis), ("--plots", args.plots), ("--amp", args.amp),
                                            ("--compile", args.compile), ("--scale", args.scale)) if value]
         if unused:
-            parser.error(f"{unused[0]} is for checkpoints: an exported file is evaluated on --data (onnx_detect.py "
+            parser.error(f"{unused[0]} is for checkpoints: an exported file is evaluated on --data (python -m appendix.onnx_detect "
                          f"runs it on images)")
         args.runtime = args.runtime or ("openvino" if suffix == ".xml" else "onnxruntime")
         if suffix == ".xml" and args.runtime != "openvino":

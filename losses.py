@@ -15,7 +15,7 @@ The same L is applied to
   object" through the class term alone (Sec. 3.3). Normalised by the number of objects times groups.
 The terms are computed for all sets at once, on dense tensors (every query of every set, with a mask of the
 matched ones): a few dozen operators however many sets and images, and the same shapes every step,
-which a compiled training step needs (static_shapes.py); `Criterion(cfg)` compiles them under --compile.
+which a compiled training step needs (appendix/static_shapes.py); `Criterion(cfg)` compiles them under --compile.
 Differs from official DINO: no logging-only terms (class_error, cardinality). With the same predictions,
 every term equals the official criterion's (to 4e-16 in float64).
 """
@@ -27,8 +27,8 @@ from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from config import Config, make_config
 from matcher import hungarian_assign, matching_costs
-from precision import at_least_float32
-from static_shapes import PaddedTargets, compiled, pad_targets, target_slots
+from appendix.precision import at_least_float32
+from appendix.static_shapes import PaddedTargets, compiled, pad_targets, target_slots
 
 TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 

@@ -16,8 +16,8 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from config import Config
-from precision import at_least_float32
-from static_shapes import pad_targets, target_slots
+from appendix.precision import at_least_float32
+from appendix.static_shapes import pad_targets, target_slots
 
 
 def pairwise_giou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:

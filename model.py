@@ -28,7 +28,7 @@ from config import Config, make_config
 from deformable_attn import MSDeformAttn
 from denoising import build_cdn_queries
 from msda_cuda import level_start_index_of
-from static_shapes import PaddedTargets, pad_targets, target_slots
+from appendix.static_shapes import PaddedTargets, pad_targets, target_slots
 
 NUM_LEVELS = 4  # DINO-4scale: strides 8, 16, 32 from the backbone plus a stride-64 map
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu}  # config.ACTIVATIONS names them
@@ -47,7 +47,7 @@ def sine_position_embedding(mask: Tensor, num_feats: int, temperature: float) ->
     """Sine encoding of each pixel's position, normalised to the image's valid size (DETR Sec. 3.2).
 
     mask (B, H, W), True on padding. Returns (B, 2 * num_feats, H, W) float32: y features then x,
-    sin and cos interleaved. Computed in float32, as official DINO, whatever the model's dtype (precision.py).
+    sin and cos interleaved. Computed in float32, as official DINO, whatever the model's dtype (appendix/precision.py).
     """
     not_mask = ~mask
     y = not_mask.cumsum(1, dtype=torch.float32)

@@ -37,17 +37,17 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-import plots
-from checkpoints import load_pretrained, load_pretrained_backbone, pretrained_architecture, read_checkpoint
+from appendix import plots
+from appendix.checkpoints import load_pretrained, load_pretrained_backbone, pretrained_architecture, read_checkpoint
 from config import CHANGEABLE_ON_RESUME, MAX_CLASSES, Config, ConfigError, flag, make_config
 from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
 from eval import METRIC_NAMES, device_from_flag, evaluate, format_metrics, save_pictures, write_plots
-from inference import Detector, check_scale
+from appendix.inference import Detector, check_scale
 from losses import Criterion
 from model import DINO, TooFewTokens, build_dino
-from precision import amp_autocast, amp_dtype
-from static_shapes import bucket_step, compiled, pad_targets, target_slots
-from runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, data_worker_init,
+from appendix.precision import amp_autocast, amp_dtype
+from appendix.static_shapes import bucket_step, compiled, pad_targets, target_slots
+from appendix.runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, data_worker_init,
                   save_atomically, signals_held, write_atomically)
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
@@ -94,7 +94,7 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
     with fused AdamW and no loss scaling, the optimiser skips it on the device (nothing waits for that
     verdict) and the next step, or `raise_if_skipped` at the end of the epoch, raises, reading it after the
     matching has waited for the device anyway; otherwise before the step, as it is computed."""
-    # the targets as tensors, once for the forward's denoising queries and the criterion (static_shapes.py)
+    # the targets as tensors, once for the forward's denoising queries and the criterion (appendix/static_shapes.py)
     padded = pad_targets(targets, target_slots(max(len(t["labels"]) for t in targets), cfg.compile))
     with amp_autocast(images.device, cfg.amp):
         outputs = model(images, mask, padded)

@@ -25,11 +25,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import make_config  # noqa: E402
-from cpu_memory import heap_kept  # noqa: E402
+from appendix.cpu_memory import heap_kept  # noqa: E402
 from data import coco_category_names, collate  # noqa: E402
-from inference import Detector  # noqa: E402
+from appendix.inference import Detector  # noqa: E402
 from model import build_dino, postprocess  # noqa: E402
-from video import VideoReader, VideoWriter  # noqa: E402
+from appendix.video import VideoReader, VideoWriter  # noqa: E402
 
 
 def picture(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from inference import compile_model
-from inference import output_agreement
+from appendix.inference import compile_model
+from appendix.inference import output_agreement
 from train_step import batch, build_on
 
 # (name, dtype, cuDNN TF32, what is compiled: None, "whole" or a part)

@@ -40,8 +40,8 @@ import gpu_agreement  # noqa: E402
 import msda  # noqa: E402
 import msda_cuda  # noqa: E402
 import train_step  # noqa: E402
-from inference import output_agreement  # noqa: E402
-from runs import write_atomically  # noqa: E402
+from appendix.inference import output_agreement  # noqa: E402
+from appendix.runs import write_atomically  # noqa: E402
 
 TARGETS = {  # issue 14: peak training memory (GiB, bf16 with checkpointing) and inference FPS; issue 26: compiled
     ("swinl", 2): 12, ("swinl", 1): 8, ("r50", 2): 8, "r50 fps bf16": 46,  # training images/s, bf16

@@ -26,9 +26,9 @@ from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backbone import ResNet  # noqa: E402
-from cpu_memory import heap_kept  # noqa: E402
+from appendix.cpu_memory import heap_kept  # noqa: E402
 from model import build_dino, postprocess  # noqa: E402
-from precision import amp_autocast  # noqa: E402
+from appendix.precision import amp_autocast  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import losses  # noqa: E402
 import model as model_module  # noqa: E402
 from config import make_config  # noqa: E402
 from model import build_dino  # noqa: E402
-from precision import amp_autocast  # noqa: E402
+from appendix.precision import amp_autocast  # noqa: E402
 from train import build_optimizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from checkpoints import load_checkpoint  # noqa: E402
+from appendix.checkpoints import load_checkpoint  # noqa: E402
 from losses import Criterion  # noqa: E402
 from model import build_dino  # noqa: E402
 

@@ -38,12 +38,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoints import load_checkpoint  # noqa: E402
+from appendix.checkpoints import load_checkpoint  # noqa: E402
 from config import make_config  # noqa: E402
 from losses import Criterion  # noqa: E402
 from model import build_dino  # noqa: E402
 from official_parity import official_args, official_model, on_the_cpu  # noqa: E402
-from static_shapes import compiled  # noqa: E402
+from appendix.static_shapes import compiled  # noqa: E402
 from train import DEMO, build_optimizer, make_grad_scaler, train_step  # noqa: E402
 from train_step import batch, timed  # noqa: E402
 

@@ -23,7 +23,7 @@ from torchvision import tv_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import load_coco, make_transforms, split_paths  # noqa: E402
-from static_shapes import bucket_step  # noqa: E402
+from appendix.static_shapes import bucket_step  # noqa: E402
 
 # (width, height): weight, a rounded stand-in for the sizes of COCO train2017's images
 COCO_SIZES = {(640, 480): 0.35, (640, 427): 0.25, (480, 640): 0.12, (427, 640): 0.08, (640, 640): 0.05,

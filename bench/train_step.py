@@ -43,11 +43,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import make_config, parse_overrides  # noqa: E402
-from inference import compile_model  # noqa: E402
+from appendix.inference import compile_model  # noqa: E402
 from losses import Criterion  # noqa: E402
 from model import build_dino, postprocess  # noqa: E402
-from precision import amp_autocast, amp_dtype, at_least_float32  # noqa: E402
-from static_shapes import bucket_step, compiled  # noqa: E402
+from appendix.precision import amp_autocast, amp_dtype, at_least_float32  # noqa: E402
+from appendix.static_shapes import bucket_step, compiled  # noqa: E402
 from train import build_optimizer, make_grad_scaler, train_step  # noqa: E402
 
 CONFIGS = [

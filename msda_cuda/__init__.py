@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from precision import at_least_float32
+from appendix.precision import at_least_float32
 
 from .reference import ms_deform_attn_gather, ms_deform_attn_reference
 
@@ -208,7 +208,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, extension, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        coord = at_least_float32(value.dtype)  # locations and weights: float32 at least (precision.py)
+        coord = at_least_float32(value.dtype)  # locations and weights: float32 at least (appendix/precision.py)
         ctx.extension, ctx.dtypes = extension, (sampling_locations.dtype, attention_weights.dtype)
         value = _aligned(value)
         locations, weights = _dense(sampling_locations, coord), _dense(attention_weights, coord)

@@ -3,10 +3,10 @@ CPU and, with `pytest -m cuda`, on a GPU; a compiled model that disagrees is cau
 import pytest
 import torch
 
-import inference
+from appendix import inference
 from conftest import tiny_dino
 from data import collate, eval_canvas
-from inference import output_agreement
+from appendix.inference import output_agreement
 from model import postprocess
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

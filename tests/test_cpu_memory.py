@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cpu_memory
+from appendix import cpu_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1 << 20
@@ -19,7 +19,7 @@ MB = 1 << 20
 MEASURE = """
 import json, resource, sys, torch
 sys.path.insert(0, {root!r})
-import cpu_memory
+from appendix import cpu_memory
 
 MB = 1 << 20
 

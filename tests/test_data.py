@@ -80,7 +80,7 @@ def test_collate_pads_to_the_largest_image_and_masks_the_padding():
 def test_collate_pads_a_compiled_runs_batches_to_a_multiple_of_the_size_step():
     """train.py --compile: each side rounded up to static_shapes.bucket_step(scale) pixels (128 at scale 1, 32
     at the demo's 0.25), padding masked; a side already on a multiple stays."""
-    from static_shapes import bucket_step
+    from appendix.static_shapes import bucket_step
     assert bucket_step(1.0) == 128 and bucket_step(0.25) == 32 and bucket_step(1.5) == 192
     a, b = torch.randn(3, 20, 64), torch.randn(3, 33, 10)
     images, mask, _ = collate([(a, {}), (b, {})], multiple=32)

@@ -4,7 +4,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from denoising import build_cdn_queries, jitter_boxes
-from static_shapes import pad_targets
+from appendix.static_shapes import pad_targets
 
 
 def build(targets, *args, slots=None, **kwargs):

@@ -108,7 +108,7 @@ def test_pictures_of_images_with_the_same_name_do_not_overwrite_each_other():
 
 
 def test_image_arguments_take_files_folders_and_globs(tmp_path):
-    from image_io import DataError, image_files
+    from appendix.image_io import DataError, image_files
     for name in ("b.jpg", "a.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
@@ -123,7 +123,7 @@ def test_image_arguments_take_files_folders_and_globs(tmp_path):
 
 def test_labels_scale_with_the_picture():
     """The label of a box covers the same share of a 4000-pixel picture as of a 400-pixel one."""
-    from inference import LABEL_COLOUR, draw_detections
+    from appendix.inference import LABEL_COLOUR, draw_detections
     shares = []
     for side in (400, 4000):
         image = torch.full((3, side, side), 128, dtype=torch.uint8)
@@ -203,7 +203,7 @@ def test_images_too_small_for_the_queries_are_one_line_naming_the_size_needed(sh
 def test_an_image_smaller_than_its_scale_promised_is_one_line_naming_the_size_needed(tmp_path):
     """A thin strip (the shorter side is --scale's, the longer one capped) still gives too few tokens: the
     forward's own check, the pixels it needs."""
-    from inference import Detector
+    from appendix.inference import Detector
     from model import TooFewTokens
     detector = Detector(tiny_dino(num_queries=30).eval(), make_config(**TINY, scale=0.06), {}, "cpu")  # 48: 52 tokens
     with pytest.raises(TooFewTokens, match="fewer than the 30 queries the model keeps: it needs about 39x39 pixels"):

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-import export
-import onnx_detect
-from checkpoints import convert_official_state_dict
+from appendix import export
+from appendix import onnx_detect
+from appendix.checkpoints import convert_official_state_dict
 from conftest import tiny_dino
 from data import CocoDetection, coco_paths, make_shapes_dataset, make_transforms
 from eval import coco_metrics, letterboxed_results
 from eval import main as eval_main
-from inference import compare_detections
+from appendix.inference import compare_detections
 from model import build_dino, postprocess
 from test_checkpoints import REFERENCE, fake_official_state_dict
 from test_eval import Oracle
@@ -160,7 +160,7 @@ import sys
 sys.modules["torch"] = None  # any import of torch fails
 sys.path.insert(0, {root!r})
 from PIL import Image
-import onnx_detect
+from appendix import onnx_detect
 session = onnx_detect.Session({model!r}, "openvino")
 print(onnx_detect.detect(session, Image.open({image!r}), score_thr=0.0)[:3])
 sys.argv = ["onnx_detect.py", {model!r}, {image!r}, "--score-thr", "0"]
@@ -188,7 +188,7 @@ def test_missing_onnx_runtime_is_one_line_naming_the_pip_command(tiny_checkpoint
     assert exit_info.value.code == 2
     assert "export.py needs ONNX and ONNX Runtime: pip install onnx onnxruntime" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    import onnx_detect
+    from appendix import onnx_detect
     with pytest.raises(SystemExit, match="onnx_detect.py needs ONNX Runtime: pip install onnxruntime"):
         onnx_detect.Session("any.onnx")
     monkeypatch.setitem(sys.modules, "openvino", None)
@@ -232,8 +232,8 @@ def test_onnx_detect_reads_16_bit_images_as_training_does(tmp_path):
 
 
 def onnx_detect_run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "onnx_detect.py"), *map(str, args), "--score-thr", "0.5"],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "appendix.onnx_detect", *map(str, args), "--score-thr", "0.5"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_onnx_detect_takes_folders_and_globs_and_names_a_bad_image_in_one_line(exported, tmp_path):
@@ -319,9 +319,9 @@ def test_int8_export_runs_end_to_end_and_keeps_scores_and_boxes_float(tiny_check
     output = tmp_path / "tiny.onnx"
     # a process of its own, as users run it: after NNCF had quantised in a pytest worker, the torchrun
     # SIGTERM test (test_resilience.py) took that worker down with it
-    result = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tiny_checkpoint), "--output", str(output),
+    result = subprocess.run([sys.executable, "-m", "appendix.export", str(tiny_checkpoint), "--output", str(output),
                              "--height", str(H), "--width", str(W), "--int8", "--calibration", str(shapes / "val2017"),
-                             "--check-ap", str(shapes)], capture_output=True, text=True, timeout=600)
+                             "--check-ap", str(shapes)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     out = result.stdout
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"wrote .*tiny\.int8\.xml \(\d+ MiB, INT8, calibrated on 4 images\)", out), out
@@ -390,8 +390,8 @@ def test_the_export_takes_the_checkpoints_size_and_reports_only_its_categories_b
     import random
     from data import shapes_image
     shapes_image(random.Random(1), 120, 90)[0].save(tmp_path / "a.png")
-    result = subprocess.run([sys.executable, str(ROOT / "onnx_detect.py"), str(output), str(tmp_path / "a.png"),
-                             "--score-thr", "0"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "appendix.onnx_detect", str(output), str(tmp_path / "a.png"),
+                             "--score-thr", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     names = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")}
     assert result.returncode == 0 and names == {"block", "disc"}, result.stdout[-2000:] + result.stderr[-2000:]
 
@@ -409,7 +409,7 @@ def test_files_that_are_not_what_a_command_takes_are_one_line(two_categories, tm
                           ((two_categories, picture, "--score-thr", "2"), "--score-thr: must be in [0, 1], got 2")]:
         if args[0].suffix == ".onnx":
             args[0].write_bytes(b"not a protobuf")
-        result = subprocess.run([sys.executable, str(ROOT / "onnx_detect.py"), *map(str, args)], capture_output=True,
-                                text=True, timeout=120)
+        result = subprocess.run([sys.executable, "-m", "appendix.onnx_detect", *map(str, args)], capture_output=True,
+                                text=True, timeout=120, cwd=ROOT)
         lines = [line for line in result.stderr.strip().splitlines() if not line.startswith((" ", "usage:"))]
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr  # (argparse: usage too)

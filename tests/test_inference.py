@@ -16,8 +16,8 @@ import train
 from config import ConfigError, make_config
 from conftest import tiny_dino, tiny_flags
 from data import coco_category_names, make_shapes_dataset
-from image_io import DataError
-from inference import Detections, Detector, merge_detections, tile_windows
+from appendix.image_io import DataError
+from appendix.inference import Detections, Detector, merge_detections, tile_windows
 
 
 @pytest.fixture(scope="module")

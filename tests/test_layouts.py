@@ -14,8 +14,8 @@ import torch
 import train
 from conftest import tiny_flags
 from data import CocoDetection, load_coco, make_shapes_dataset, make_transforms, split_paths
-from image_io import DataError
-from layouts import label_file
+from appendix.image_io import DataError
+from appendix.layouts import label_file
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["circle", "square", "triangle"]  # sorted, as VOC numbers them; YOLO writes them in this order too

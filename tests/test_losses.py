@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 
 from denoising import DNQueries
 from losses import build_criterion, set_losses
-from static_shapes import pad_targets
+from appendix.static_shapes import pad_targets
 
 
 def set_loss(logits, boxes, targets, indices, num_boxes):

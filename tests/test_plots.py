@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import plots
+from appendix import plots
 from config import ConfigError
 from eval import coco_metrics, confusion_counts
 

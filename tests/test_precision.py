@@ -1,6 +1,6 @@
 import torch
 
-from precision import amp_autocast, amp_dtype, at_least_float32
+from appendix.precision import amp_autocast, amp_dtype, at_least_float32
 
 
 def test_at_least_float32_widens_half_types_only():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from checkpoints import read_checkpoint
+from appendix.checkpoints import read_checkpoint
 from conftest import tiny_flags
 from data import make_shapes_dataset
 
@@ -186,7 +186,7 @@ def test_sigterm_stops_every_torchrun_process_at_the_same_iteration(tmp_path):
 
 
 def test_a_second_ctrl_c_aborts_at_once():
-    script = ("import os, signal, sys, time; sys.path.insert(0, {root!r}); from runs import StopSignals\n"
+    script = ("import os, signal, sys, time; sys.path.insert(0, {root!r}); from appendix.runs import StopSignals\n"
               "with StopSignals():\n"
               "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1); os.kill(os.getpid(), signal.SIGINT)\n"
               "    time.sleep(5); print('not aborted')").format(root=str(ROOT))

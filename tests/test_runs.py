@@ -13,10 +13,10 @@ import torch
 
 import train
 from config import ConfigError
-from checkpoints import read_checkpoint
+from appendix.checkpoints import read_checkpoint
 from conftest import tiny_flags
 from data import make_shapes_dataset
-from runs import EpochOrder, WriteError, claim_output_dir, save_atomically
+from appendix.runs import EpochOrder, WriteError, claim_output_dir, save_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_a_held_folder_is_refused_and_free_again_once_released(tmp_path):
 
 def test_a_killed_run_leaves_no_false_claim(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-                               f"from runs import claim_output_dir; from pathlib import Path; "
+                               f"from appendix.runs import claim_output_dir; from pathlib import Path; "
                                f"lock = claim_output_dir(Path({str(tmp_path / 'run')!r})); print('held', flush=True); "
                                f"import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -94,7 +94,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path):
 def test_a_kill_at_any_instant_of_a_write_leaves_the_old_file_or_the_new_one(tmp_path):
     """A child process writes best.pth over and over (save_atomically, as train.py keeps its best checkpoint)
     and is killed with SIGKILL at six instants: every time, best.pth is a complete checkpoint."""
-    writer = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; from runs import save_atomically\n"
+    writer = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; from appendix.runs import save_atomically\n"
               f"checkpoint = {{'weights': torch.arange(2_000_000)}}\n"
               f"print('writing', flush=True)\n"
               f"while True: save_atomically(checkpoint, Path({str(tmp_path / 'best.pth')!r}))")

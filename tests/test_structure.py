@@ -4,32 +4,46 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = [  # bottom to top
-    {"config", "precision", "cpu_memory", "image_io"},
-    {"msda_cuda", "onnx_detect", "video", "runs", "layouts", "static_shapes"},
+LAYERS = [  # bottom to top; the appendix's files by their package's name
+    {"config", "appendix.precision", "appendix.cpu_memory", "appendix.image_io"},
+    {"msda_cuda", "appendix.onnx_detect", "appendix.video", "appendix.runs", "appendix.layouts", "appendix.static_shapes"},
     {"backbone", "deformable_attn", "denoising", "matcher", "data"},
     {"model", "losses"},
-    {"checkpoints"},
-    {"inference"},
-    {"plots"},
+    {"appendix.checkpoints"},
+    {"appendix.inference"},
+    {"appendix.plots"},
     {"eval"},
-    {"export"},
+    {"appendix.export"},
     {"train"},
 ]
+CHAPTERS = {"model", "backbone", "deformable_attn", "denoising", "matcher", "losses", "data", "train", "eval", "config"}
 
 
 def imported_modules(path: Path) -> set[str]:
+    """The modules of this repository (and others) that `path` imports: a file of the appendix as
+    "appendix.NAME", whether imported as `from appendix import NAME` or `from appendix.NAME import ...`."""
     tree = ast.parse(path.read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and not node.level}
-    return {name.split(".")[0] for name in names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {f"appendix.{a.name}" for a in node.names} if node.module == "appendix" else {node.module}
+    return {name if name.startswith("appendix.") else name.split(".")[0] for name in names}
+
+
+def sources() -> dict[str, Path]:
+    return ({p.stem: p for p in ROOT.glob("*.py")} | {f"appendix.{p.stem}": p for p in ROOT.glob("appendix/*.py")
+                                                       if p.stem != "__init__"}
+            | {"msda_cuda": ROOT / "msda_cuda" / "__init__.py"})
+
+
+def test_the_root_holds_the_chapters_and_the_appendix_the_rest():
+    assert {p.stem for p in ROOT.glob("*.py")} == CHAPTERS
 
 
 def test_imports_run_downwards_only():
     level = {name: i for i, layer in enumerate(LAYERS) for name in layer}
-    sources = {p.stem: p for p in ROOT.glob("*.py")} | {"msda_cuda": ROOT / "msda_cuda" / "__init__.py"}
-    assert set(sources) == set(level), "a new top-level module needs a place in LAYERS"
-    upward = [(name, imported) for name, path in sources.items() for imported in imported_modules(path)
+    assert set(sources()) == set(level), "a new module needs a place in LAYERS"
+    upward = [(name, imported) for name, path in sources().items() for imported in imported_modules(path)
               if imported in level and level[imported] >= level[name] and imported != name]
     assert not upward
 
@@ -41,7 +55,8 @@ def functions(path: Path):
 
 def test_no_function_is_longer_than_60_lines():
     """A function a reader can hold in mind at once (nanoGPT's longest is about 60 lines)."""
-    paths = [*ROOT.glob("*.py"), *ROOT.glob("msda_cuda/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("scripts/*.py")]
+    paths = [*ROOT.glob("*.py"), *ROOT.glob("appendix/*.py"), *ROOT.glob("msda_cuda/*.py"), *ROOT.glob("bench/*.py"),
+             *ROOT.glob("scripts/*.py")]
     long = [f"{path.name}:{f.lineno} {f.name} ({f.end_lineno - f.lineno + 1} lines)"
             for path in paths for f in functions(path) if f.end_lineno - f.lineno + 1 > 60]
     assert not long

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import train
-from checkpoints import read_checkpoint
+from appendix.checkpoints import read_checkpoint
 from config import Config
 from conftest import TINY, tiny_dino, tiny_flags
 from data import make_shapes_dataset
-from runs import TrainState
+from appendix.runs import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny model, trained fast on small images

@@ -95,7 +95,7 @@ def read_checkpoint(path: str) -> dict:
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save writes a zip file (older ones, a pickle)
-        exported = " (an exported file: eval.py and onnx_detect.py take it)" if Path(path).suffix in (".onnx", ".xml") else ""
+        exported = " (an exported file: eval.py and appendix.onnx_detect take it)" if Path(path).suffix in (".onnx", ".xml") else ""
         raise DataError(f"{path} is not a PyTorch checkpoint{exported}: give a .pth file that train.py or official "
                         f"DINO wrote")
     # official checkpoints also hold their argparse.Namespace of settings: allow just that class

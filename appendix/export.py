@@ -1,6 +1,6 @@
 """Export a trained DINO to ONNX: the whole detector, from images to post-processed detections.
 
-    python export.py CKPT [--output dino.onnx] [--height H --width W] [--batch N | --dynamic-batch] [--opset 17]
+    python -m appendix.export CKPT [--output dino.onnx] [--height H --width W] [--batch N | --dynamic-batch] [--opset 17]
                           [--msda gather|grid_sample] [--check-ap DIR] [--int8 --calibration DIR]
 
 CKPT is one of ours or an official DINO-4scale release checkpoint (R50 or Swin-L). The graph takes
@@ -43,17 +43,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from checkpoints import model_from_checkpoint
+from appendix.checkpoints import model_from_checkpoint
 from config import ConfigError
 from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, DataError, eval_canvas, make_transforms, shapes_image,
                   split_paths)
 from eval import coco_metrics, letterboxed_results
-from image_io import image_files, read_image
-from inference import Agreement, compare_detections, detected_classes
+from appendix.image_io import image_files, read_image
+from appendix.inference import Agreement, compare_detections, detected_classes
 from model import select_detections
 from msda_cuda import TRACED_FORMULATIONS, traced_as
-from onnx_detect import RUNTIMES, Session, graph_inputs, letterbox
-from runs import replace_atomically, writable
+from appendix.onnx_detect import RUNTIMES, Session, graph_inputs, letterbox
+from appendix.runs import replace_atomically, writable
 
 # the newest opset torch's TorchScript-based exporter writes (20 in torch 2.14)
 MAX_OPSET = getattr(torch.onnx._constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)

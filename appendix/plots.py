@@ -15,8 +15,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from config import ConfigError
-from inference import draw_detections
-from runs import replace_atomically
+from appendix.inference import draw_detections
+from appendix.runs import replace_atomically
 
 GROUND_TRUTH_COLOUR = (30, 160, 60)
 

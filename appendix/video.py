@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from config import ConfigError
-from image_io import DataError
+from appendix.image_io import DataError
 
 CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi", ".webm": "webm"}
 

@@ -1,6 +1,6 @@
 """Detections from an exported DINO (export.py) with ONNX Runtime or OpenVINO, numpy and Pillow only: no torch.
 
-    python onnx_detect.py dino.onnx street.jpg [more.jpg photos/ 'shots/**/*.png' ...] [--score-thr 0.3]
+    python -m appendix.onnx_detect dino.onnx street.jpg [more.jpg photos/ 'shots/**/*.png' ...] [--score-thr 0.3]
                           [--runtime onnxruntime|openvino]
 
 Images are read as training and eval.py read them (image_io.read_image: EXIF orientation, RGB, 16-bit
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from image_io import DataError, image_files, read_image, rgb
+from appendix.image_io import DataError, image_files, read_image, rgb
 
 
 RUNTIMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}  # --runtime (the module and the pip package) -> name
@@ -113,7 +113,7 @@ def open_session(path: str, runtime: str) -> Session:
     if not Path(path).is_file():
         raise DataError(f"model {path} does not exist (export.py writes it)")
     if Path(path).suffix not in (".onnx", ".xml"):
-        raise DataError(f"model {path} is not an exported file: export.py CKPT writes a .onnx file (and --int8 a "
+        raise DataError(f"model {path} is not an exported file: python -m appendix.export CKPT writes a .onnx file (and --int8 a "
                         f".xml one); a checkpoint is run by eval.py CKPT --image ...")
     if Path(path).suffix == ".xml" and runtime != "openvino":
         raise DataError(f"model {path} is an OpenVINO file: add --runtime openvino")

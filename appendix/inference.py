@@ -1,7 +1,7 @@
 """Inference (an appendix, not in the paper): from any image, folder, video or very large image to named
 detections, and the checks that two runs of one model detect the same things.
 
-    from inference import Detector
+    from appendix.inference import Detector
     detector = Detector.load("runs/shapes/best.pth")    # ours, or an official DINO-4scale release
     print(detector("street.jpg").names)                 # -> ['person', 'car', ...], best first
 
@@ -26,14 +26,14 @@ from torch import Tensor
 from torchvision.ops import box_area
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import model_from_checkpoint
+from appendix.checkpoints import model_from_checkpoint
 from config import Config, ConfigError
-from cpu_memory import heap_kept
+from appendix.cpu_memory import heap_kept
 from data import collate, eval_canvas, make_transforms
-from image_io import DataError, image_files, read_image, rgb
+from appendix.image_io import DataError, image_files, read_image, rgb
 from model import postprocess, select_detections
-from precision import amp_autocast, at_least_float32
-from video import VideoReader
+from appendix.precision import amp_autocast, at_least_float32
+from appendix.video import VideoReader
 
 
 # --- what a detector returns -------------------------------------------------------------------------

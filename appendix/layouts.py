@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import NamedTuple
 
-from image_io import IMAGE_SUFFIXES, DataError, stored_image_size
+from appendix.image_io import IMAGE_SUFFIXES, DataError, stored_image_size
 
 
 class Converted(NamedTuple):
