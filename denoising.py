@@ -13,8 +13,8 @@ largest object count in the batch: sparse images get many groups, crowded ones f
 fewer than G_max objects fill their free slots with padding queries (zero content, the centred box
 (0.5, 0.5, 0.5, 0.5)), which are trained as "no object" like the negatives.
 
-Fixed shapes (appendix/static_shapes.py): there are always Q_dn = 2 * max(dn_number, G) DN queries, G the
-targets' padded width (>= G_max), and the group structure is computed on the device from the
+Fixed shapes (for a compiled step, appendix/static_shapes.py): there are always Q_dn = 2 * max(dn_number, G)
+DN queries, G the targets' padded width (>= G_max, `PaddedTargets`), and the group structure is computed on the device from the
 targets' mask, so a batch's object counts change values, never shapes, and are never read by the
 host. The slots after the last group are unused: padding queries that no other query sees (they form
 groups of their own) and that no loss term reads (`DNQueries.trained`). A batch without objects has
@@ -30,7 +30,28 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from appendix.static_shapes import PaddedTargets
+
+
+class PaddedTargets(NamedTuple):
+    """A batch's targets as tensors, G slots per image: what the denoising queries, the matching and the
+    losses take (the first G_b slots of image b hold its objects)."""
+    labels: Tensor  # (B, G) int64 class ids; 0 in padding slots
+    boxes: Tensor   # (B, G, 4) cxcywh in [0, 1]; (0.5, 0.5, 1, 1) in padding slots, a box with an area
+    valid: Tensor   # (B, G) bool, True on the image's objects
+
+
+def pad_targets(targets: list[dict], slots: int | None = None) -> PaddedTargets:
+    """targets [{"labels": (G_b,), "boxes": (G_b, 4)}] * B, on one device -> PaddedTargets of G = `slots`
+    (default: the batch's largest G_b, at least 1; a compiled step asks for more, appendix/static_shapes.py)."""
+    slots = slots or max(1, *(len(t["labels"]) for t in targets))
+    device, dtype, B = targets[0]["labels"].device, targets[0]["boxes"].dtype, len(targets)
+    labels = torch.zeros(B, slots, dtype=torch.int64, device=device)
+    boxes = torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=dtype, device=device).repeat(B, slots, 1)
+    valid = torch.zeros(B, slots, dtype=torch.bool, device=device)
+    for b, t in enumerate(targets):
+        n = len(t["labels"])
+        labels[b, :n], boxes[b, :n], valid[b, :n] = t["labels"], t["boxes"], True
+    return PaddedTargets(labels, boxes, valid)
 
 
 class DNQueries(NamedTuple):
@@ -75,7 +96,7 @@ def group_layout(valid: Tensor, dn_number: int, num_dn: int) -> tuple[Tensor, ..
 
 def build_cdn_queries(targets: PaddedTargets, label_embed: nn.Embedding, num_classes: int, num_queries: int,
                       dn_number: int, box_noise_scale: float, label_noise_ratio: float) -> DNQueries | None:
-    """targets: static_shapes.PaddedTargets, labels (B, G), normalised cxcywh boxes (B, G, 4), valid (B, G).
+    """targets: PaddedTargets, labels (B, G), normalised cxcywh boxes (B, G, 4), valid (B, G).
     None if dn_number is 0."""
     if dn_number <= 0:
         return None

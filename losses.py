@@ -15,7 +15,7 @@ The same L is applied to
   object" through the class term alone (Sec. 3.3). Normalised by the number of objects times groups.
 The terms are computed for all sets at once, on dense tensors (every query of every set, with a mask of the
 matched ones): a few dozen operators however many sets and images, and the same shapes every step,
-which a compiled training step needs (appendix/static_shapes.py); `Criterion(cfg)` compiles them under --compile.
+which a compiled training step needs (appendix/static_shapes.py hands `Criterion` its compiled forms).
 Differs from official DINO: no logging-only terms (class_error, cardinality). With the same predictions,
 every term equals the official criterion's (to 4e-16 in float64).
 """
@@ -26,9 +26,8 @@ from torch import Tensor
 from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from config import Config, make_config
+from denoising import PaddedTargets, pad_targets
 from matcher import hungarian_assign, matching_costs
-from appendix.precision import at_least_float32
-from appendix.static_shapes import PaddedTargets, compiled, pad_targets, target_slots
 
 TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
@@ -60,7 +59,8 @@ def set_losses(logits: Tensor, boxes_cxcywh: Tensor, targets: PaddedTargets, ass
     bool, the queries the class term reads (None: all). Returns (S, 3): loss_ce, loss_bbox, loss_giou
     of each set, in float32 at least.
     """
-    logits, boxes_cxcywh = at_least_float32(logits), at_least_float32(boxes_cxcywh)  # precision.py
+    # sums of many terms: in float32 at least (bf16 and fp16 predictions under --amp), float64 kept
+    logits, boxes_cxcywh = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (logits, boxes_cxcywh))
     S, B, Q, K = logits.shape
     matched = assigned >= 0  # (S, B, Q)
     slot = assigned.clamp(min=0)
@@ -103,8 +103,8 @@ class Criterion:
     """DINO's loss on the model's whole output: `set_losses` on the last decoder layer, each earlier layer and
     the encoder's selected proposals, each matched by Hungarian matching (one matching per set), and on
     the denoising queries of every layer with their known assignment. Weights and matching costs come
-    from cfg (Config: *_loss_coef, set_cost_*, focal_alpha, focal_gamma); under cfg.compile the costs and
-    the terms are computed by compiled programs.
+    from cfg (Config: *_loss_coef, set_cost_*, focal_alpha, focal_gamma); `fast`, if given, wraps the two
+    functions that compute the costs and the terms (a compiled training step passes torch.compile's).
 
     criterion(outputs, targets) with outputs from DINO.forward and targets [{"labels": (G_b,) int64,
     "boxes": (G_b, 4) cxcywh in [0, 1]}] * B returns a dict of every unweighted term, named loss_{ce,
@@ -112,20 +112,19 @@ class Criterion:
     "loss", their weighted sum, the one to backpropagate.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, fast=None):
         self.cfg = cfg
         self.weights = (cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef)  # in TERMS' order
-        self.costs, self.losses = ((compiled(stacked_costs), compiled(stacked_losses)) if cfg.compile
-                                   else (stacked_costs, stacked_losses))
+        self.costs, self.losses = (fast(stacked_costs), fast(stacked_losses)) if fast else (stacked_costs, stacked_losses)
 
     def __call__(self, outputs: dict, targets: list[dict], padded: PaddedTargets | None = None) -> dict[str, Tensor]:
         """outputs from DINO.forward; targets[b] = {"labels": (G_b,) int64, "boxes": (G_b, 4) cxcywh}, and
-        `padded`, the same as static_shapes.pad_targets makes them for cfg.compile, if the caller has them.
+        `padded`, the same as pad_targets makes them (to more slots for a compiled step), if the caller has them.
         Returns every unweighted term plus "loss", their weighted sum."""
         c = self.cfg
         counts = [len(t["labels"]) for t in targets]
         if padded is None:
-            padded = pad_targets(targets, target_slots(max(counts), c.compile))
+            padded = pad_targets(targets)
         num_boxes = padded.valid.sum().to(torch.float32)  # on the device: never read by the host
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(num_boxes)
@@ -154,5 +153,5 @@ class Criterion:
 
 
 def build_criterion(**overrides) -> Criterion:
-    """overrides: Config fields (set_cost_*, *_loss_coef, focal_alpha, focal_gamma, compile)."""
+    """overrides: Config fields (set_cost_*, *_loss_coef, focal_alpha, focal_gamma)."""
     return Criterion(make_config(**overrides))

@@ -16,8 +16,7 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from config import Config
-from appendix.precision import at_least_float32
-from appendix.static_shapes import pad_targets, target_slots
+from denoising import pad_targets
 
 
 def pairwise_giou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
@@ -38,7 +37,8 @@ def matching_costs(logits: Tensor, boxes_cxcywh: Tensor, target_labels: Tensor, 
                    gamma: float = Config.focal_gamma) -> Tensor:
     """logits (..., B, Q, K), boxes_cxcywh (..., B, Q, 4); target_labels (B, G), target_boxes_cxcywh
     (B, G, 4). Returns (..., B, Q, G): the cost of every query of every image for every object slot."""
-    logits, boxes_cxcywh = at_least_float32(logits), at_least_float32(boxes_cxcywh)  # precision.py
+    # sums of many terms: in float32 at least (bf16 and fp16 predictions under --amp), float64 kept
+    logits, boxes_cxcywh = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (logits, boxes_cxcywh))
     G = target_labels.shape[-1]
     probs = logits.sigmoid().gather(-1, target_labels[:, None].expand(*logits.shape[:-1], G))  # (..., B, Q, G)
     eps = 1e-8  # as official DINO, keeps the logs finite
@@ -78,7 +78,7 @@ def hungarian_match(logits: Tensor, boxes_cxcywh: Tensor, targets: list[dict],
     (The criterion uses matching_costs and hungarian_assign on all its sets at once.)
     """
     counts = [len(t["labels"]) for t in targets]
-    padded = pad_targets(targets, target_slots(max(counts), compiled=False))
+    padded = pad_targets(targets)
     costs = matching_costs(logits, boxes_cxcywh, padded.labels, padded.boxes, cost_class, cost_bbox, cost_giou,
                            alpha, gamma)
     assigned = hungarian_assign(costs[None], counts)[0]

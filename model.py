@@ -26,9 +26,8 @@ from torchvision.ops import box_convert
 from backbone import build_backbone, run_layer
 from config import Config, make_config
 from deformable_attn import MSDeformAttn
-from denoising import build_cdn_queries
+from denoising import PaddedTargets, build_cdn_queries, pad_targets
 from msda_cuda import level_start_index_of
-from appendix.static_shapes import PaddedTargets, pad_targets, target_slots
 
 NUM_LEVELS = 4  # DINO-4scale: strides 8, 16, 32 from the backbone plus a stride-64 map
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu}  # config.ACTIVATIONS names them
@@ -411,7 +410,7 @@ class DINO(nn.Module):
     def forward(self, images: Tensor, mask: Tensor | None = None, targets: list[dict] | PaddedTargets | None = None) -> dict:
         """images (B, 3, H, W) normalised and zero-padded; mask (B, H, W) True on padding;
         targets (training with denoising only): [{"labels": (G_b,), "boxes": (G_b, 4)}] * B, or the same
-        as static_shapes.PaddedTargets.
+        as denoising.PaddedTargets.
 
         Returns {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4), "aux_outputs": [{...}] * 5,
         "interm_outputs": {...}}, plus "dn_outputs" and "dn_queries" when denoising queries were added.
@@ -439,7 +438,7 @@ class DINO(nn.Module):
         dn = None
         if self.training and targets is not None and self.cfg.dn_number > 0:
             if not isinstance(targets, PaddedTargets):  # train.py pads them itself, before a compiled forward
-                targets = pad_targets(targets, target_slots(max(len(t["labels"]) for t in targets), compiled=False))
+                targets = pad_targets(targets)
             dn = build_cdn_queries(targets, self.dn_label_embed, self.cfg.num_classes, self.cfg.num_queries,
                                    self.cfg.dn_number, self.cfg.dn_box_noise_scale, self.cfg.dn_label_noise_ratio)
         if dn is not None:

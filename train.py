@@ -43,10 +43,11 @@ from config import CHANGEABLE_ON_RESUME, MAX_CLASSES, Config, ConfigError, flag,
 from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
 from eval import METRIC_NAMES, device_from_flag, evaluate, format_metrics, save_pictures, write_plots
 from appendix.inference import Detector, check_scale
+from denoising import pad_targets
 from losses import Criterion
 from model import DINO, TooFewTokens, build_dino
 from appendix.precision import amp_autocast, amp_dtype
-from appendix.static_shapes import bucket_step, compiled, pad_targets, target_slots
+from appendix.static_shapes import bucket_step, compiled, criterion_for, target_slots
 from appendix.runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, data_worker_init,
                   save_atomically, signals_held, write_atomically)
 
@@ -94,7 +95,8 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
     with fused AdamW and no loss scaling, the optimiser skips it on the device (nothing waits for that
     verdict) and the next step, or `raise_if_skipped` at the end of the epoch, raises, reading it after the
     matching has waited for the device anyway; otherwise before the step, as it is computed."""
-    # the targets as tensors, once for the forward's denoising queries and the criterion (appendix/static_shapes.py)
+    # the targets as tensors, once for the forward's denoising queries and the criterion (to more slots
+    # under --compile: appendix/static_shapes.py)
     padded = pad_targets(targets, target_slots(max(len(t["labels"]) for t in targets), cfg.compile))
     with amp_autocast(images.device, cfg.amp):
         outputs = model(images, mask, padded)
@@ -428,7 +430,7 @@ def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minu
     model = (DistributedDataParallel(state.model, device_ids=[setup.device.index] if setup.device.type == "cuda"
                                      else None, find_unused_parameters=True)  # the DN label book may be unused
              if setup.distributed else state.model)
-    if cfg.compile:  # one program per batch shape, the shapes fixed by static_shapes.py; state.model stays eager
+    if cfg.compile:  # one program per batch shape, the shapes fixed by appendix/static_shapes.py; state.model stays eager
         model = compiled(model)
         if setup.device.type == "cpu":
             setup.log("--compile on the CPU: each new batch shape compiles for minutes, and a compiled step is no "
@@ -673,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"training / {len(setup.val_set)} validation images; {setup.world} process(es) on {setup.device}")
             board = (held.enter_context(tensorboard_writer(setup.output_dir / "tensorboard"))
                      if args.tensorboard and setup.is_main else None)
-            metrics = train(setup, state, Criterion(cfg), args.checkpoint_minutes, board, held)
+            metrics = train(setup, state, criterion_for(cfg), args.checkpoint_minutes, board, held)
             if setup.is_main and args.demo:
                 demo_pictures(setup, state, metrics)
             if setup.distributed:

@@ -43,6 +43,7 @@ import model as model_module  # noqa: E402
 from config import make_config  # noqa: E402
 from model import build_dino  # noqa: E402
 from appendix.precision import amp_autocast  # noqa: E402
+from appendix.static_shapes import criterion_for  # noqa: E402
 from train import build_optimizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -182,7 +183,7 @@ def estimate(overrides: dict, size: tuple[int, int], batch_size: int) -> tuple[f
         with FakeTensorMode(allow_non_fake_inputs=True), cuda_float32_ops():
             torch.manual_seed(0)
             model = build_dino(**dataclasses.asdict(cfg)).train()
-            criterion, optimizer = losses.Criterion(cfg), build_optimizer(model, cfg)
+            criterion, optimizer = criterion_for(cfg), build_optimizer(model, cfg)
             for group in optimizer.param_groups:  # as build_optimizer makes it on a GPU
                 group.update(fused=True, foreach=None)
             images, mask, targets = batch(size, batch_size, torch.device("cpu"))

@@ -40,10 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from appendix.checkpoints import load_checkpoint  # noqa: E402
 from config import make_config  # noqa: E402
-from losses import Criterion  # noqa: E402
 from model import build_dino  # noqa: E402
 from official_parity import official_args, official_model, on_the_cpu  # noqa: E402
-from appendix.static_shapes import compiled  # noqa: E402
+from appendix.static_shapes import compiled, criterion_for  # noqa: E402
 from train import DEMO, build_optimizer, make_grad_scaler, train_step  # noqa: E402
 from train_step import batch, timed  # noqa: E402
 
@@ -122,7 +121,7 @@ def our_step(state: dict, backbone: str, images, mask, targets, overrides: dict,
     model = build_dino(**vars(cfg))
     load_checkpoint(model, state)
     model = model.train().to(images.device)
-    criterion, optimizer, scaler = Criterion(cfg), build_optimizer(model, cfg), make_grad_scaler(images.device, cfg)
+    criterion, optimizer, scaler = criterion_for(cfg), build_optimizer(model, cfg), make_grad_scaler(images.device, cfg)
     run = compiled(model) if compile_step else model
     return lambda: train_step(run, criterion, optimizer, scaler, images, mask, targets, cfg)["loss"]
 

@@ -44,10 +44,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import make_config, parse_overrides  # noqa: E402
 from appendix.inference import compile_model  # noqa: E402
-from losses import Criterion  # noqa: E402
 from model import build_dino, postprocess  # noqa: E402
 from appendix.precision import amp_autocast, amp_dtype, at_least_float32  # noqa: E402
-from appendix.static_shapes import bucket_step, compiled  # noqa: E402
+from appendix.static_shapes import bucket_step, compiled, criterion_for  # noqa: E402
 from train import build_optimizer, make_grad_scaler, train_step  # noqa: E402
 
 CONFIGS = [
@@ -100,7 +99,7 @@ def training_step(overrides: dict, size, batch_size: int, device: torch.device, 
     images to the size bucket. The model is made with seed 0 either way."""
     cfg = make_config(**overrides)
     model = build_on(device, **dataclasses.asdict(cfg)).train()
-    criterion, optimizer, scaler = Criterion(cfg), build_optimizer(model, cfg), make_grad_scaler(device, cfg)
+    criterion, optimizer, scaler = criterion_for(cfg), build_optimizer(model, cfg), make_grad_scaler(device, cfg)
     images, mask, targets = batch(size, batch_size, device, cfg.num_classes)
     if cfg.compile if padded is None else padded:
         step = bucket_step(cfg.scale)
@@ -197,7 +196,7 @@ def time_training(overrides: dict, size, batch_size: int, iters: int, device: to
     """(seconds per iteration, peak GiB or None off CUDA) for one configuration."""
     cfg = make_config(**overrides)
     model = build_on(device, **dataclasses.asdict(cfg)).train()
-    criterion, optimizer, scaler = Criterion(cfg), build_optimizer(model, cfg), make_grad_scaler(device, cfg)
+    criterion, optimizer, scaler = criterion_for(cfg), build_optimizer(model, cfg), make_grad_scaler(device, cfg)
     images, mask, targets = batch(size, batch_size, device, cfg.num_classes)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -109,7 +109,7 @@ def test_a_compiled_training_step_gives_the_eager_steps_losses_and_weights(monke
     import train
     from config import make_config
     from conftest import TINY
-    from losses import Criterion
+    from appendix.static_shapes import criterion_for
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
     counters.clear()
@@ -118,7 +118,7 @@ def test_a_compiled_training_step_gives_the_eager_steps_losses_and_weights(monke
     torch.manual_seed(0)
     eager = tiny_dino().train()
     model = copy.deepcopy(eager)
-    runs = [(m, Criterion(c), train.build_optimizer(m, c), torch.amp.GradScaler("cpu", enabled=False), c)
+    runs = [(m, criterion_for(c), train.build_optimizer(m, c), torch.amp.GradScaler("cpu", enabled=False), c)
             for m, c in [(eager, eager_cfg), (model, compiled_cfg)]]
     runs[1] = (train.compiled(model), *runs[1][1:])  # the optimiser's groups come from the plain module's names
     g = torch.Generator().manual_seed(0)

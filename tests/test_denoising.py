@@ -3,8 +3,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
-from denoising import build_cdn_queries, jitter_boxes
-from appendix.static_shapes import pad_targets
+from denoising import build_cdn_queries, jitter_boxes, pad_targets
 
 
 def build(targets, *args, slots=None, **kwargs):

@@ -5,9 +5,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from denoising import DNQueries
+from denoising import DNQueries, pad_targets
 from losses import build_criterion, set_losses
-from appendix.static_shapes import pad_targets
 
 
 def set_loss(logits, boxes, targets, indices, num_boxes):

@@ -6,10 +6,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # bottom to top; the appendix's files by their package's name
     {"config", "appendix.precision", "appendix.cpu_memory", "appendix.image_io"},
-    {"msda_cuda", "appendix.onnx_detect", "appendix.video", "appendix.runs", "appendix.layouts", "appendix.static_shapes"},
-    {"backbone", "deformable_attn", "denoising", "matcher", "data"},
+    {"msda_cuda", "appendix.onnx_detect", "appendix.video", "appendix.runs", "appendix.layouts"},
+    {"backbone", "deformable_attn", "denoising", "data"},
+    {"matcher"},
     {"model", "losses"},
-    {"appendix.checkpoints"},
+    {"appendix.static_shapes", "appendix.checkpoints"},
     {"appendix.inference"},
     {"appendix.plots"},
     {"eval"},
@@ -38,6 +39,16 @@ def sources() -> dict[str, Path]:
 
 def test_the_root_holds_the_chapters_and_the_appendix_the_rest():
     assert {p.stem for p in ROOT.glob("*.py")} == CHAPTERS
+
+
+def test_the_papers_chapters_import_only_chapters_config_and_the_kernels():
+    """No cache, export hook or compiler's fixed shapes on a reader's way through the paper (STYLE.md, 14):
+    what exists for them is handed in, or sits in the appendix and calls the chapters."""
+    paper = {"model", "backbone", "deformable_attn", "denoising", "matcher", "losses"}
+    ours = set(sources())
+    plumbing = [(name, imported) for name in paper for imported in imported_modules(sources()[name])
+                if imported in ours and imported not in paper | {"config", "msda_cuda"}]
+    assert not plumbing
 
 
 def test_imports_run_downwards_only():

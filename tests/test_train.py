@@ -120,7 +120,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_pa
             terms = super().__call__(outputs, targets, padded)
             terms["loss"] = terms["loss"] * float("nan")
             return terms
-    monkeypatch.setattr(train, "Criterion", Exploding)
+    monkeypatch.setattr(train, "criterion_for", Exploding)
     with pytest.raises(SystemExit) as exit_info:
         run(shapes, tmp_path, "--epochs", "2", "--resume")
     assert exit_info.value.code == 1
