@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test gpu-check install clean
+.PHONY: demo test test-paper gpu-check install clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,14 @@ demo: install
 # stays on one worker, so that a file's kernel builds happen once
 test: install
 	$(PY) -m pytest -n auto --dist loadfile
+
+# The paper's mechanisms alone, as executable documentation: contrastive denoising, the matching, the query
+# selection and look forward twice (test_model), the deformable attention, the losses, the stored outputs
+# of a fixed model, and a tiny model that learns
+PAPER_TESTS := tests/test_denoising.py tests/test_matcher.py tests/test_model.py tests/test_deformable_attn.py \
+	tests/test_losses.py tests/test_expected_outputs.py tests/test_learning.py
+test-paper: install
+	$(PY) -m pytest -n auto --dist loadfile $(PAPER_TESTS)
 
 # On a GPU machine, with that machine's own Python (torch, torchvision, numpy, scipy, ninja, pytest; no
 # pycocotools, no package downloads): every GPU figure of BENCHMARKS.md, as markdown, in about 6 minutes.
