@@ -395,14 +395,20 @@ def evaluate_and_save(setup: Setup, state: TrainState, evaluated: torch.nn.Modul
     if best:
         save_atomically(checkpoint, setup.output_dir / "best.pth")
         write_atomically(setup.output_dir / "metrics.json", json.dumps(metrics, indent=2))
-    log_file = setup.output_dir / "log.jsonl"  # rewritten whole, not appended to: no half line after a kill
-    log_text = "".join(line + "\n" for line in (log_file.read_text().splitlines() if log_file.exists() else [])
-                       if json.loads(line)["epoch"] < record["epoch"]) + json.dumps(record) + "\n"
-    write_atomically(log_file, log_text)
+    log_text = log_with(setup.output_dir / "log.jsonl", record)
+    write_atomically(setup.output_dir / "log.jsonl", log_text)  # rewritten whole: no half line after a kill
     if setup.plots:
         run_plots(setup, evaluated, log_text, metrics if best else None)
     save_atomically(checkpoint, setup.checkpoint_path)  # the epoch is done: last
     return metrics
+
+
+def log_with(log_file: Path, record: dict) -> str:
+    """log.jsonl's text with `record` as its last line: the earlier epochs' records, and this epoch's once,
+    however often a kill made its end run again."""
+    earlier = log_file.read_text().splitlines() if log_file.exists() else []
+    kept = [line for line in earlier if json.loads(line)["epoch"] < record["epoch"]]
+    return "".join(line + "\n" for line in [*kept, json.dumps(record)])
 
 
 def run_plots(setup: Setup, evaluated: torch.nn.Module, log_text: str, best_metrics: dict | None) -> None:
