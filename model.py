@@ -259,6 +259,12 @@ class DecoderLayer(nn.Module):
         return self.ffn_norm(query + self.ffn(query))
 
 
+def update_box(box: Tensor, offset: Tensor) -> Tensor:
+    """Update(b, db) of Sec. 3.5: box (..., 4) cxcywh in [0, 1] moved by offset (..., 4) in inverse-sigmoid
+    space."""
+    return (offset + inverse_sigmoid(box)).sigmoid()
+
+
 class Decoder(nn.Module):
     """The 6-layer decoder of DINO (Sec. 3.1, 3.5): each layer refines every query's anchor box, and the next
     layer reads its queries' positions from the refined boxes (DAB-DETR's anchors as positional queries).
@@ -282,29 +288,32 @@ class Decoder(nn.Module):
                 self_attn_mask: Tensor | None, box_head: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         """query (B, Q, C) content queries; anchors (B, Q, 4) boxes in [0, 1], not requiring grad.
 
-        Returns every layer's normed hidden states, [(B, Q, C)] * n_layers, and its supervised boxes,
-        [(B, Q, 4)] * n_layers (cx, cy, w, h) in [0, 1]: the box head's refinement of the box before it.
-        Look forward twice (Sec. 3.5): the box that layer i's supervised box refines is layer i-1's
-        refined box *with* its gradient, so the loss of layer i also trains layer i-1's box prediction;
-        the next layer itself starts from the refined box detached (look forward once, Deformable DETR).
+        Returns every layer's normed hidden states, [(B, Q, C)] * n_layers, and the boxes its loss supervises,
+        [(B, Q, 4)] * n_layers (cx, cy, w, h) in [0, 1]. Look forward twice (Sec. 3.5): layer i reads the box
+        b_{i-1} (b_0: the anchors) and its box head predicts an offset db_i, and
+            b'_i       = Update(b_{i-1}, db_i)    the refined box, with its gradient
+            b_i        = Detach(b'_i)             what layer i + 1 reads (look forward once, Deformable DETR)
+            b_i^(pred) = Update(b'_{i-1}, db_i)   the box the loss supervises
+        with Update(b, db) = sigmoid(db + inverse_sigmoid(b)). b_i^(pred) refines the previous layer's box with
+        its gradient, so the loss of layer i also trains layer i-1's box prediction.
         """
         hidden_states, supervised_boxes = [], []
-        box_before = anchors  # what the next supervised box refines: the anchors, then each layer's refined box
+        box, box_with_grad = anchors, anchors  # b_0 and b'_0: the anchors (no gradient)
         ratios4 = torch.cat([ratios, ratios], -1)[:, None]  # (B, 1, L, 4)
         for i, layer in enumerate(self.layers):
-            reference_boxes = anchors[:, :, None] * ratios4  # (B, Q, L, 4) in each padded map's units
+            reference_boxes = box[:, :, None] * ratios4  # (B, Q, L, 4) in each padded map's units
             # official DINO: the positional query encodes the box scaled by level 0's valid ratio
             query_pos = self.query_pos_head(box_sine_embedding(reference_boxes[:, :, 0], query.shape[-1] // 2))
             query = run_layer(layer, self.checkpointing, query, query_pos, reference_boxes, memory, spatial_shapes,
                               level_start_index, memory_padding_mask, self_attn_mask)
             hidden = self.norm(query)
             hidden_states.append(hidden)
-            supervised_boxes.append((box_head(hidden) + inverse_sigmoid(box_before)).sigmoid())
+            supervised_boxes.append(update_box(box_with_grad, box_head(hidden)))  # b_i^(pred)
             if i + 1 < len(self.layers):  # the last layer's refined box would refine nothing
-                # official DINO: the next layer's anchors are refined from the layer's output before the shared
-                # final norm (the supervised box above, from after it): two readings of the one box head
-                refined = (box_head(query) + inverse_sigmoid(anchors)).sigmoid()
-                box_before, anchors = refined, refined.detach()
+                # official DINO: b'_i reads the layer's output before the shared final norm (b_i^(pred) reads it
+                # after): two readings of the one box head
+                box_with_grad = update_box(box, box_head(query))  # b'_i
+                box = box_with_grad.detach()  # b_i
         return hidden_states, supervised_boxes
 
 
