@@ -90,9 +90,9 @@ def test_gradients_reach_every_trainable_parameter():
 
 
 def test_look_forward_twice_trains_the_previous_layers_box_prediction():
-    """Sec. 3.5: layer i's supervised box is sigmoid(delta_i + inverse_sigmoid(b_{i-1})), b_{i-1} layer i-1's
-    refined box *with* its gradient (b'_{i-1}), while layer i itself starts from b_{i-1} detached. So the gradient that
-    layer i's boxes send to the box head's last bias comes twice, through delta_i and through b_{i-1} (whose
+    """Sec. 3.5: layer i's supervised box is sigmoid(delta_i + inverse_sigmoid(b'_{i-1})), b'_{i-1} layer i-1's
+    refined box *with* its gradient, while layer i itself starts from b_{i-1} = Detach(b'_{i-1}). So the gradient
+    that layer i's boxes send to the box head's last bias comes twice, through delta_i and through b'_{i-1} (whose
     inverse sigmoid undoes its own sigmoid: a factor of exactly 1), and once for layer 0, whose boxes refine
     the detached anchors: 2 * sum b (1 - b) against 1 * sum b (1 - b). Look forward once gives 1 for every
     layer; a next layer started from undetached boxes adds more."""
