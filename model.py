@@ -15,7 +15,6 @@ This model computes what official DINO (IDEA-Research/DINO, DINO-4scale) compute
 weights; checkpoints.load_checkpoint maps official names onto ours. Where that meant keeping an official
 detail the paper does not describe, the line says "official DINO".
 """
-import functools
 import math
 
 import torch
@@ -27,7 +26,7 @@ from backbone import build_backbone, run_layer
 from config import Config, make_config
 from deformable_attn import MSDeformAttn
 from denoising import PaddedTargets, build_cdn_queries, pad_targets
-from msda_cuda import level_start_index_of
+from msda_cuda import level_layout
 
 NUM_LEVELS = 4  # DINO-4scale: strides 8, 16, 32 from the backbone plus a stride-64 map
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu}  # config.ACTIVATIONS names them
@@ -90,23 +89,6 @@ def pixel_centres(H: int, W: int, device: torch.device) -> Tensor:
     ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=device) + 0.5,
                             torch.arange(W, dtype=torch.float32, device=device) + 0.5, indexing="ij")
     return torch.stack([xs, ys], -1).reshape(H * W, 2)
-
-
-def level_layout(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """spatial_shapes (L, 2) and level_start_index (L,) for the (H_l, W_l) in `shapes`, on `device`."""
-    with torch.inference_mode(False):  # usable by autograd even if first made under inference mode
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long).to(device)
-        return spatial_shapes, level_start_index_of(spatial_shapes)
-
-
-_level_layouts = functools.lru_cache(maxsize=256)(level_layout)
-
-
-def cached_level_layout(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """level_layout, made once per layout in eager forwards: the same two tensors every forward, so neither
-    copying them to the GPU nor ms_deform_attn's check of them (a read back to the host) waits for the GPU
-    again. (A compiled forward makes them inside its graph, where they are constants.)"""
-    return level_layout(shapes, device) if torch.compiler.is_compiling() else _level_layouts(shapes, device)
 
 
 def encoder_reference_points(level_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
@@ -434,7 +416,7 @@ class DINO(nn.Module):
         """The transformer and the heads on L feature maps srcs[l] (B, C, H_l, W_l), masks[l] (B, H_l, W_l)."""
         C = self.cfg.hidden_dim
         level_shapes = [tuple(s.shape[-2:]) for s in srcs]
-        spatial_shapes, level_start_index = cached_level_layout(tuple(level_shapes), srcs[0].device)  # (L, 2), (L,)
+        spatial_shapes, level_start_index = level_layout(tuple(level_shapes), srcs[0].device)  # (L, 2), (L,)
         pos = [sine_position_embedding(m, C // 2, self.cfg.pe_temperature).to(s.dtype) for m, s in zip(masks, srcs)]
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl] for lvl, p in enumerate(pos)], 1)

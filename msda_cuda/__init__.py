@@ -33,8 +33,8 @@ from appendix.precision import at_least_float32
 
 from .reference import ms_deform_attn_gather, ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "ms_deform_attn_gather", "level_start_index_of",
-           "build_extension", "build_cpu_extension", "traced_as", "TRACED_FORMULATIONS"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "ms_deform_attn_gather", "level_layout",
+           "level_start_index_of", "build_extension", "build_cpu_extension", "traced_as", "TRACED_FORMULATIONS"]
 
 _SOURCE = Path(__file__).with_name("ms_deform_attn.cu")
 _CPU_SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.cpp")
@@ -61,6 +61,23 @@ def level_start_index_of(spatial_shapes: Tensor) -> Tensor:
     """spatial_shapes (L, 2) long, (H_l, W_l) -> level_start_index (L,): the first token of each level
     in value's S = sum_l H_l * W_l tokens, levels one after another."""
     return torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+
+
+def _level_layout(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    with torch.inference_mode(False):  # usable by autograd even if first made under inference mode
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long).to(device)
+        return spatial_shapes, level_start_index_of(spatial_shapes)
+
+
+_level_layouts = functools.lru_cache(maxsize=256)(_level_layout)
+
+
+def level_layout(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """spatial_shapes (L, 2) and level_start_index (L,) for the (H_l, W_l) in `shapes`, on `device`: made
+    once per layout in eager forwards, the same two tensors every forward, so that neither copying them to
+    the GPU nor ms_deform_attn's check of them (a read back to the host) waits for the GPU again. (A
+    compiled forward makes them inside its graph, where they are constants.)"""
+    return _level_layout(shapes, device) if torch.compiler.is_compiling() else _level_layouts(shapes, device)
 
 
 def _ninja_on_path() -> None:
