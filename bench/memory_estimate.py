@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deformable_attn  # noqa: E402
 import losses  # noqa: E402
-import model as model_module  # noqa: E402
+import msda_cuda  # noqa: E402
 from config import make_config  # noqa: E402
 from model import build_dino  # noqa: E402
 from appendix.precision import amp_autocast  # noqa: E402
@@ -202,7 +202,7 @@ def estimate(overrides: dict, size: tuple[int, int], batch_size: int) -> tuple[f
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
-        model_module._level_layouts.cache_clear()  # it holds fake tensors now
+        msda_cuda._level_layouts.cache_clear()  # it holds fake tensors now
     return tracker.peak / 2 ** 30, tracker.at_peak
 
 
