@@ -29,6 +29,7 @@ compares their AP on DIR's validation images; --int8 writes an INT8 copy for Ope
 import argparse
 import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -95,19 +96,17 @@ def export(deployable: Deployable, path: Path, height: int, width: int, batch: i
     example = random_inputs(batch, height, width, seed=0)
     start = time.perf_counter()
 
-    def write(tmp: Path):
-        import onnx
-        torch.onnx.export(deployable, example, str(tmp), dynamo=False, opset_version=opset, input_names=INPUTS,
-                          output_names=OUTPUTS, do_constant_folding=True,
-                          dynamic_axes={name: {0: "batch"} for name in INPUTS + OUTPUTS} if dynamic_batch else None)
-        graph = onnx.load(str(tmp))
-        onnx.helper.set_model_props(graph, {"categories": json.dumps(categories or {})})
-        onnx.save(graph, str(tmp))
-
+    traced = io.BytesIO()  # the graph in memory, its metadata added, then written once
     with torch.no_grad(), warnings.catch_warnings(), traced_as(msda):
         # tracing warns at every shape it turns into a constant: fixed input sizes are the point
         warnings.simplefilter("ignore")
-        replace_atomically(path, write)
+        torch.onnx.export(deployable, example, traced, dynamo=False, opset_version=opset, input_names=INPUTS,
+                          output_names=OUTPUTS, do_constant_folding=True,
+                          dynamic_axes={name: {0: "batch"} for name in INPUTS + OUTPUTS} if dynamic_batch else None)
+    import onnx
+    graph = onnx.load_from_string(traced.getvalue())
+    onnx.helper.set_model_props(graph, {"categories": json.dumps(categories or {})})
+    replace_atomically(path, lambda tmp: onnx.save(graph, str(tmp)))
     return time.perf_counter() - start
 
 
