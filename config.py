@@ -55,7 +55,7 @@ class Config:
     lr_drop: int = 90                   # the lr is multiplied by 0.1 after this many epochs
     scale: float = 1.0                  # image sizes x scale (Swin-L fine-tuning: 1.5)
     amp: bool = False                   # mixed precision: bf16 where the GPU supports it, else fp16
-    compile: bool = False               # torch.compile the training step, on batches of fixed shapes (appendix/static_shapes.py)
+    compile: bool = False               # torch.compile the training step, on fixed shapes (appendix/static_shapes.py)
     ema: bool = False                   # evaluate and keep an exponential moving average of the weights
     ema_decay: float = 0.9997
     eval_every: int = 1                 # epochs between evaluations on the validation set

@@ -13,12 +13,12 @@ largest object count in the batch: sparse images get many groups, crowded ones f
 fewer than G_max objects fill their free slots with padding queries (zero content, the centred box
 (0.5, 0.5, 0.5, 0.5)), which are trained as "no object" like the negatives.
 
-Fixed shapes (for a compiled step, appendix/static_shapes.py): there are always Q_dn = 2 * max(dn_number, G)
-DN queries, G the targets' padded width (>= G_max, `PaddedTargets`), and the group structure is computed on the device from the
-targets' mask, so a batch's object counts change values, never shapes, and are never read by the
-host. The slots after the last group are unused: padding queries that no other query sees (they form
-groups of their own) and that no loss term reads (`DNQueries.trained`). A batch without objects has
-no group at all.
+Fixed shapes (for a compiled step, appendix/static_shapes.py): there are always Q_dn = 2 * max(dn_number,
+G) DN queries, G the targets' padded width (>= G_max, `PaddedTargets`), and the group structure is
+computed on the device from the targets' mask, so a batch's object counts change values, never shapes,
+and are never read by the host. The slots after the last group are unused: padding queries that no
+other query sees (they form groups of their own) and that no loss term reads (`DNQueries.trained`). A
+batch without objects has no group at all.
 
 Differs from official DINO: the group count is spelled out as max(1, dn_number // G_max) for any
 dn_number (official DINO only adapts it when dn_number >= 50); the noise is drawn from torch's

@@ -177,8 +177,8 @@ def with_progress(items, every: float, line) -> Iterator:
 def predict(model: torch.nn.Module, loader, device: torch.device, num_select: int = Config.num_select,
             amp: bool = False, classes: list[int] | None = None) -> tuple[list[dict], list[int]] | None:
     """The detections of `model` on the loader's CocoDetection dataset, among `classes` (None: all), as COCO
-    results (what pycocotools' loadRes and the COCO test-dev server take), and the image ids they cover; under torch.distributed,
-    rank 0 returns every process's (the others None)."""
+    results (what pycocotools' loadRes and the COCO test-dev server take), and the image ids they cover;
+    under torch.distributed, rank 0 returns every process's (the others None)."""
     dataset = loader.dataset
     model.eval()
     results, image_ids = [], []
@@ -189,7 +189,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device, num_select: in
             outputs = model(images.to(device), mask.to(device))
         outputs = {k: at_least_float32(outputs[k]) for k in ("pred_logits", "pred_boxes")}
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        detections = [{k: v.cpu() for k, v in d.items()} for d in postprocess(outputs, sizes, num_select, classes=classes)]
+        found = postprocess(outputs, sizes, num_select, classes=classes)
+        detections = [{k: v.cpu() for k, v in d.items()} for d in found]
         results += to_coco_results(detections, targets, set(dataset.coco.cats))
         image_ids += [t["image_id"] for t in targets]
     if dist.is_available() and dist.is_initialized():
@@ -333,7 +334,8 @@ def evaluate_data(detector: Detector, args: argparse.Namespace, paths: tuple[Pat
     else:
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                              collate_fn=functools.partial(collate, canvas=detector.canvas))
-        results, image_ids = predict(detector.model, loader, detector.device, cfg.num_select, args.amp, detector.classes)
+        results, image_ids = predict(detector.model, loader, detector.device, cfg.num_select, args.amp,
+                                     detector.classes)
     metrics = coco_metrics(dataset.coco, results, image_ids, args.score_thr)
     print(format_metrics(metrics))
     if args.slice:
@@ -445,8 +447,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace):
                                            ("--vis", args.vis), ("--plots", args.plots), ("--amp", args.amp),
                                            ("--compile", args.compile), ("--scale", args.scale)) if value]
         if unused:
-            parser.error(f"{unused[0]} is for checkpoints: an exported file is evaluated on --data (python -m appendix.onnx_detect "
-                         f"runs it on images)")
+            parser.error(f"{unused[0]} is for checkpoints: an exported file is evaluated on --data (python -m "
+                         f"appendix.onnx_detect runs it on images)")
         args.runtime = args.runtime or ("openvino" if suffix == ".xml" else "onnxruntime")
         if suffix == ".xml" and args.runtime != "openvino":
             parser.error(f"{args.checkpoint} is an OpenVINO file: --runtime openvino runs it")

@@ -42,14 +42,14 @@ from appendix.checkpoints import load_pretrained, load_pretrained_backbone, pret
 from config import CHANGEABLE_ON_RESUME, MAX_CLASSES, Config, ConfigError, flag, make_config
 from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
 from eval import METRIC_NAMES, device_from_flag, evaluate, format_metrics, save_pictures, write_plots
-from appendix.inference import Detector, check_scale
+from appendix.inference import Detector, check_scale, detected_classes
 from denoising import pad_targets
 from losses import Criterion
 from model import DINO, TooFewTokens, build_dino
 from appendix.precision import amp_autocast, amp_dtype
 from appendix.static_shapes import bucket_step, compiled, criterion_for, target_slots
-from appendix.runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir, data_worker_init,
-                  save_atomically, signals_held, write_atomically)
+from appendix.runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir,
+                           data_worker_init, save_atomically, signals_held, write_atomically)
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
 DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
@@ -378,7 +378,7 @@ def evaluate_and_save(setup: Setup, state: TrainState, evaluated: torch.nn.Modul
     metrics, best = {}, False
     if record.pop("evaluate"):
         metrics = evaluate(evaluated, setup.loader(False), setup.device, setup.cfg.num_select, setup.cfg.amp,
-                           sorted(setup.train_set.category_names)) or {}
+                           detected_classes(setup.train_set.category_names, setup.cfg.num_classes)) or {}
         if setup.is_main:  # rank 0 alone has the metrics
             setup.log(format_metrics(metrics))
             record["val"] = {k: metrics[k] for k in (*METRIC_NAMES, "per_class_AP")}  # not the curves
@@ -436,13 +436,14 @@ def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minu
     model = (DistributedDataParallel(state.model, device_ids=[setup.device.index] if setup.device.type == "cuda"
                                      else None, find_unused_parameters=True)  # the DN label book may be unused
              if setup.distributed else state.model)
-    if cfg.compile:  # one program per batch shape, the shapes fixed by appendix/static_shapes.py; state.model stays eager
+    if cfg.compile:  # one program per batch shape, its shapes fixed (appendix/static_shapes.py); state.model eager
         model = compiled(model)
         if setup.device.type == "cpu":
             setup.log("--compile on the CPU: each new batch shape compiles for minutes, and a compiled step is no "
                       "faster than an eager one there (BENCHMARKS.md); it is meant for GPUs")
+    finished = state.epoch >= cfg.epochs and state.pending is None
     metrics = evaluate_and_save(setup, state, evaluated) if state.pending is not None else {}  # one owed from before
-    if state.epoch >= cfg.epochs and not metrics:
+    if finished:
         setup.log(f"nothing left to train: {setup.checkpoint_path} has finished all {cfg.epochs} epochs; give a "
                   f"larger --epochs to train on")
     clock = CheckpointClock(checkpoint_minutes, held.enter_context(StopSignals(setup.log)), setup.device)

@@ -272,7 +272,8 @@ class Detector:
 
     Each image is run alone, as eval.py runs it: resized as validation images are (shorter side 800 x the
     checkpoint's scale, longer at most 1333 x scale), post-processed as official DINO (the cfg.num_select
-    best (query, class) pairs, among the classes that are the checkpoint's categories), the boxes clipped to the image, those scoring under `score_thr` dropped.
+    best (query, class) pairs, among the classes that are the checkpoint's categories), the boxes clipped
+    to the image, those scoring under `score_thr` dropped.
     `batch_size` > 1 runs that many consecutive images as one batch (throughput on a GPU; give images of
     one size together): each is zero-padded to its batch's largest, which the input projections' GroupNorm
     and the encoder's proposals see, so its detections move a little from its own run alone. `compile`:
@@ -344,7 +345,8 @@ class Detector:
             out = self.model(batch.to(self.device), mask.to(self.device))
         out = {k: at_least_float32(out[k]) for k in ("pred_logits", "pred_boxes")}
         sizes = [tuple(image.shape[1:]) for image in images]
-        return [{k: v.cpu() for k, v in d.items()} for d in postprocess(out, sizes, self.cfg.num_select, True, self.classes)]
+        found = postprocess(out, sizes, self.cfg.num_select, True, self.classes)
+        return [{k: v.cpu() for k, v in d.items()} for d in found]
 
     def named(self, detected: dict, image: Tensor, source: str, score_thr: float) -> Detections:
         keep = detected["scores"] >= score_thr

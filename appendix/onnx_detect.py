@@ -113,8 +113,8 @@ def open_session(path: str, runtime: str) -> Session:
     if not Path(path).is_file():
         raise DataError(f"model {path} does not exist (export.py writes it)")
     if Path(path).suffix not in (".onnx", ".xml"):
-        raise DataError(f"model {path} is not an exported file: python -m appendix.export CKPT writes a .onnx file (and --int8 a "
-                        f".xml one); a checkpoint is run by eval.py CKPT --image ...")
+        raise DataError(f"model {path} is not an exported file: python -m appendix.export CKPT writes a .onnx "
+                        f"file (and --int8 a .xml one); a checkpoint is run by eval.py CKPT --image ...")
     if Path(path).suffix == ".xml" and runtime != "openvino":
         raise DataError(f"model {path} is an OpenVINO file: add --runtime openvino")
     try:

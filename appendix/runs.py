@@ -119,12 +119,12 @@ EMA_WARMED_UP = 2 ** 40  # an EMA step count at which train.make_ema's warm-up i
 @dataclass
 class TrainState:
     """What a run changes as it trains, all of which a checkpoint holds: the weights, the optimiser, the lr
-    schedule, the loss scaler, the EMA of the weights (and how many steps it has averaged), where training goes on (`epoch`, and `iteration` of
-    it: the next one to run), the best AP so far and the evaluations since it (--patience), the epoch's
-    running loss sums (`running`, {"sums", "counts"}, when it stopped mid-epoch), a finished epoch's log
-    record whose evaluation is still owed
-    (`pending`), and every process's random state. `contents` and `restore` are the checkpoint's one writer
-    and one reader; its keys are those of the checkpoints train.py has always written."""
+    schedule, the loss scaler, the EMA of the weights (and the steps it has averaged), where training goes
+    on (`epoch`, and `iteration` of it: the next one to run), the best AP so far and the evaluations since
+    it (--patience), the epoch's running loss sums (`running`, {"sums", "counts"}, when it stopped
+    mid-epoch), a finished epoch's log record whose evaluation is still owed (`pending`), and every
+    process's random state. `contents` and `restore` are the checkpoint's one writer and one reader; its
+    keys are those of the checkpoints train.py has always written (and "ema_updates")."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler

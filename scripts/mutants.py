@@ -216,7 +216,7 @@ MUTANTS = [
       "self.classes = None", ("tests/test_inference.py",)),
     M("categories: eval.py detects every class", "eval.py", "postprocess(outputs, sizes, num_select, classes=classes)",
       "postprocess(outputs, sizes, num_select)", ("tests/test_eval.py",)),
-    M("categories: training evaluates every class", "train.py", "sorted(setup.train_set.category_names)) or {}",
+    M("categories: training evaluates every class", "train.py", "detected_classes(setup.train_set.category_names, setup.cfg.num_classes)) or {}",
       "None) or {}", ("tests/test_train.py",)),
     M("categories: the exported file reports every class", "appendix/export.py", "orig_sizes, self.num_select, True, self.classes)",
       "orig_sizes, self.num_select, True, None)", ("tests/test_export.py",)),
