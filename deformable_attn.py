@@ -5,14 +5,51 @@ levels, per head; the points' values are mixed with softmax weights predicted fr
 DINO (arXiv 2203.03605v4) uses it as the encoder's self-attention, with reference points at
 pixel centres, and as the decoder's cross-attention, with reference *boxes*: there the offsets
 are scaled by the box's half size (Sec. 3.1, the anchor box modulates the sampling).
-The sampling itself is `msda_cuda.ms_deform_attn`.
+
+`ms_deform_attn_reference` is Eq. 3 itself in plain PyTorch, the form every kernel is checked against;
+MSDeformAttn computes it through `msda_cuda.ms_deform_attn`, which runs a compiled kernel where one
+covers the call (and agreed with this form on its self-check) and this form everywhere else.
+Bilinear sampling is `F.grid_sample(align_corners=False, padding_mode="zeros")`: a location (x, y) in
+[0, 1] of level l samples pixel coordinates (x * W_l - 0.5, y * H_l - 0.5), and neighbours outside the
+map count as zero.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msda_cuda import ms_deform_attn
+import msda_cuda
+
+
+def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                             sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """Deformable DETR Eq. 3 after the value projection W'_m: the sum over levels l and points k of
+    A_mlqk * x_l(phi_l(p_q) + Delta p_mlqk), per head m, in plain PyTorch.
+
+    value (B, S, M, D): S = sum_l H_l * W_l tokens, M heads of D channels each;
+    spatial_shapes (L, 2) long, (H_l, W_l) per level; level_start_index (L,) long, first token of each level;
+    sampling_locations (B, Q, M, L, P, 2), (x, y) normalised to [0, 1] per level;
+    attention_weights (B, Q, M, L, P), softmax-normalised over (L, P) by the caller.
+    Returns (B, Q, M * D) in value's dtype; computed in the wider of value's and the locations' dtypes
+    (bf16 values with float32 locations: float32, as under autocast).
+    """
+    out_dtype = value.dtype
+    dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
+    value, sampling_locations = value.to(dtype), sampling_locations.to(dtype)
+    attention_weights = attention_weights.to(dtype)
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    out = value.new_zeros(B * M, D, Q)
+    for lvl, ((H, W), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
+        value_l = value[:, start:start + H * W].permute(0, 2, 3, 1).reshape(B * M, D, H, W)
+        grid_l = grids[:, :, :, lvl].transpose(1, 2).reshape(B * M, Q, P, 2)
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # (B*M, D, Q, P)
+        weights_l = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(B * M, 1, Q, P)
+        out = out + (sampled * weights_l).sum(-1)
+    return out.view(B, M * D, Q).transpose(1, 2).contiguous().to(out_dtype)
 
 
 class MSDeformAttn(nn.Module):
@@ -83,7 +120,7 @@ class MSDeformAttn(nn.Module):
                          + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got {tuple(reference_points.shape)}")
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)  # (B, Q, C)
+        out = msda_cuda.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)  # (B, Q, C)
         return self.output_proj(out)
 
 

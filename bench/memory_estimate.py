@@ -37,7 +37,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import deformable_attn  # noqa: E402
 import losses  # noqa: E402
 import msda_cuda  # noqa: E402
 from config import make_config  # noqa: E402
@@ -170,7 +169,7 @@ def first_queries_match(costs, counts):
 def estimate(overrides: dict, size: tuple[int, int], batch_size: int) -> tuple[float, Counter]:
     """Peak GiB of the second of two training steps of the configuration, and what was live at the peak."""
     cfg = make_config(**overrides)
-    patches = [(deformable_attn, "ms_deform_attn", KernelAllocations.apply),
+    patches = [(msda_cuda, "ms_deform_attn", KernelAllocations.apply),
                (losses, "hungarian_assign", first_queries_match),
                (F, "scaled_dot_product_attention", EfficientAttentionAllocations.call),
                # torch's truncated normal redraws until its values fit, which fake tensors have none of

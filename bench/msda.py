@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import msda_cuda  # noqa: E402
-from msda_cuda import level_start_index_of, ms_deform_attn, ms_deform_attn_reference  # noqa: E402
+from deformable_attn import ms_deform_attn_reference  # noqa: E402
+from msda_cuda import level_start_index_of, ms_deform_attn  # noqa: E402
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 M, D, P = 8, 32, 4

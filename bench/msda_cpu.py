@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import msda_cuda  # noqa: E402
+from deformable_attn import ms_deform_attn_reference  # noqa: E402
 from msda import LEVELS, inputs  # noqa: E402
 
 
@@ -62,9 +63,9 @@ def main():
                 else:
                     torch.autograd.grad(fn(value, ss, lsi, loc, w), (value, loc, w), grad)
             times = {"kernel": [], "reference": []}
-            run(kernel), run(msda_cuda.ms_deform_attn_reference)
+            run(kernel), run(ms_deform_attn_reference)
             for _ in range(args.pairs):
-                for impl, fn in (("kernel", kernel), ("reference", msda_cuda.ms_deform_attn_reference)):
+                for impl, fn in (("kernel", kernel), ("reference", ms_deform_attn_reference)):
                     start = time.perf_counter()
                     run(fn)
                     times[impl].append(1e3 * (time.perf_counter() - start))

@@ -3,10 +3,14 @@
 CUDA tensors go through the kernel in ms_deform_attn.cu, CPU tensors through the one in
 ms_deform_attn_cpu.cpp (C++ and OpenMP over torch's threads; bf16 and fp16 values in float32), each
 compiled just in time on first use (about a minute; cached by torch in ~/.cache/torch_extensions
-afterwards); every case a kernel does not cover goes through the pure-PyTorch reference in
-reference.py. If a build fails, one warning says why and the reference is used. DINO_MSDA=reference
-forces the reference. Anything traced for export goes through one of reference.py's two formulations,
-`traced_as("gather")` (gathers and arithmetic) or `traced_as("grid_sample")` (the reference).
+afterwards); every case a kernel does not cover goes through the reference, Eq. 3 in plain PyTorch
+(`deformable_attn.ms_deform_attn_reference`, the chapter's own form). If a build fails, one warning says
+why and the reference is used. DINO_MSDA=reference forces the reference. Anything traced for export goes
+through one of two formulations, `traced_as("gather")` (gather.py: gathers and arithmetic) or
+`traced_as("grid_sample")` (the reference).
+
+The chapter imports this package, and this package reads the chapter's reference when it runs (`_reference`),
+not when it is imported: either can be imported first.
 
 Each kernel checks itself: the first time it meets a dtype and head size in a process, it runs a small
 random problem (an odd batch, every level, points beyond the borders) through itself and through the
@@ -31,9 +35,9 @@ from torch.autograd.function import once_differentiable
 
 from appendix.precision import at_least_float32
 
-from .reference import ms_deform_attn_gather, ms_deform_attn_reference
+from .gather import ms_deform_attn_gather
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "ms_deform_attn_gather", "level_layout",
+__all__ = ["ms_deform_attn", "ms_deform_attn_gather", "level_layout",
            "level_start_index_of", "build_extension", "build_cpu_extension", "traced_as", "TRACED_FORMULATIONS"]
 
 _SOURCE = Path(__file__).with_name("ms_deform_attn.cu")
@@ -41,13 +45,27 @@ _CPU_SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.cpp")
 _builds: dict[str, object] = {}  # "CUDA" / "CPU" -> the compiled extension, None if it failed
 _build_errors: dict[str, str] = {}
 _checked_metadata: dict[int, tuple] = {}  # id(spatial_shapes) -> (weak reference to it, what was checked)
-TRACED_FORMULATIONS = {"gather": ms_deform_attn_gather, "grid_sample": ms_deform_attn_reference}
+TRACED_FORMULATIONS = ("gather", "grid_sample")
 _traced = ["grid_sample"]  # the formulation a trace records (export.py chooses it with traced_as)
+
+
+def _reference():
+    """Eq. 3 in plain PyTorch, `deformable_attn.ms_deform_attn_reference`: what every case a kernel does not
+    cover runs, and what each kernel's self-check compares against. Imported on use: deformable_attn imports
+    this package."""
+    from deformable_attn import ms_deform_attn_reference
+    return ms_deform_attn_reference
+
+
+def _formulation(name: str):
+    """The function a trace records for TRACED_FORMULATIONS' `name`."""
+    return ms_deform_attn_gather if name == "gather" else _reference()
 
 
 @contextlib.contextmanager
 def traced_as(formulation: str):
-    """Within it, a trace (torch.onnx.export) records the attention as TRACED_FORMULATIONS[formulation]."""
+    """Within it, a trace (torch.onnx.export) records the attention as `formulation`, one of TRACED_FORMULATIONS:
+    "gather" (gather.py) or "grid_sample" (the reference)."""
     if formulation not in TRACED_FORMULATIONS:
         raise ValueError(f"formulation must be one of {sorted(TRACED_FORMULATIONS)}, got {formulation!r}")
     _traced.append(formulation)
@@ -272,7 +290,7 @@ def self_check_error(extension, device: torch.device, dtype: torch.dtype, heads:
         level_start_index = level_start_index_of(spatial_shapes)
         results = []
         for run, values, coords in ((functools.partial(_MSDeformAttnFunction.apply, extension), dtype, coord),
-                                    (ms_deform_attn_reference, torch.float64, torch.float64)):
+                                    (_reference(), torch.float64, torch.float64)):
             inputs = [t.to(device, d).requires_grad_() for t, d in ((value, values), (locations, coords),
                                                                    (weights, coords))]
             out = run(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
@@ -329,7 +347,7 @@ def _run(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampl
         _check_layout(value, spatial_shapes, level_start_index)
     extension, dtype = _kernel_for(value)
     if extension is None:
-        formulation = TRACED_FORMULATIONS[_traced[-1]] if torch.jit.is_tracing() else ms_deform_attn_reference
+        formulation = _formulation(_traced[-1]) if torch.jit.is_tracing() else _reference()
         return formulation(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _dense(_MSDeformAttnFunction.apply(extension, _dense(value, dtype), spatial_shapes, level_start_index,
                                               sampling_locations, attention_weights), value.dtype)
@@ -371,7 +389,7 @@ def _compiled_op_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Te
         return tuple(_dense(g, t.dtype) for g, t in zip(grads, (value, sampling_locations, attention_weights)))
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
-        out = ms_deform_attn_reference(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
+        out = _reference()(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
         return torch.autograd.grad(out, inputs, grad_output)
 
 

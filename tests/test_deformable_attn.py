@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from deformable_attn import MSDeformAttn
-from msda_cuda import TRACED_FORMULATIONS, ms_deform_attn, ms_deform_attn_gather, ms_deform_attn_reference, traced_as
+import deformable_attn
+import msda_cuda
+from deformable_attn import ms_deform_attn_reference
+from msda_cuda import ms_deform_attn, ms_deform_attn_gather, traced_as
 from test_msda_cuda import random_inputs
 
 
@@ -72,11 +75,13 @@ def test_gather_formulation_is_grid_sample_on_and_beyond_every_border(dtype, tol
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_a_trace_records_the_formulation_chosen(monkeypatch):
-    """Under tracing the attention is never the kernel: traced_as picks reference.py's formulation."""
+    """Under tracing the attention is never the kernel: traced_as picks gather.py's formulation or the reference."""
     value, spatial_shapes, level_start_index, locations, weights = random_inputs([(6, 4), (3, 2)], dtype=torch.float32)
     calls = []
-    for name, formulation in TRACED_FORMULATIONS.copy().items():
-        monkeypatch.setitem(TRACED_FORMULATIONS, name, lambda *a, name=name, f=formulation: calls.append(name) or f(*a))
+    for module, name, attribute in ((msda_cuda, "gather", "ms_deform_attn_gather"),
+                                    (deformable_attn, "grid_sample", "ms_deform_attn_reference")):
+        formulation = getattr(module, attribute)
+        monkeypatch.setattr(module, attribute, lambda *a, name=name, f=formulation: calls.append(name) or f(*a))
     fn = lambda v, loc, w: ms_deform_attn(v, spatial_shapes, level_start_index, loc, w)  # noqa: E731
     for name in ("gather", "grid_sample"):
         with traced_as(name):

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import msda_cuda
-from msda_cuda import level_start_index_of, ms_deform_attn, ms_deform_attn_reference
+import deformable_attn
+from deformable_attn import ms_deform_attn_reference
+from msda_cuda import level_start_index_of, ms_deform_attn
 from msda_emulation import ROOT, asan_environment, build_emulated_extension
 
 cuda = pytest.mark.cuda
@@ -233,7 +235,7 @@ def test_dino_trains_through_the_kernel_as_through_the_reference(kernel, monkeyp
                {"labels": torch.tensor([2], device=device), "boxes": torch.tensor([[0.5, 0.3, 0.4, 0.4]], device=device)}]
 
     def train_step(msda):
-        monkeypatch.setattr(deformable_attn, "ms_deform_attn", msda)
+        monkeypatch.setattr(msda_cuda, "ms_deform_attn", msda)
         model.zero_grad()
         torch.manual_seed(1)  # the same denoising noise
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
@@ -362,7 +364,7 @@ def test_emulated_kernel_stays_inside_its_tensors():
 @needs_gpu
 def test_environment_variable_forces_the_reference(monkeypatch):
     calls = []
-    monkeypatch.setattr(msda_cuda, "ms_deform_attn_reference", lambda *a: calls.append(1) or ms_deform_attn_reference(*a))
+    monkeypatch.setattr(deformable_attn, "ms_deform_attn_reference", lambda *a: calls.append(1) or ms_deform_attn_reference(*a))
     inputs = random_inputs(DINO_LIKE, B=1, Q=4, M=2, D=32, P=2, dtype=torch.float32, device="cuda")
     ms_deform_attn(*inputs)
     assert not calls
