@@ -9,7 +9,10 @@ patch merging) and follows the detection variant the official DINO uses: inputs 
 zero-padded to whole windows and patches, and the padded tokens are attended to, not masked.
 Differences from official DINO: no `timm` dependency (stochastic depth is torchvision's
 `stochastic_depth`). The official Swin classification weights load through appendix/checkpoints.py.
+
+The maps' positions are encoded as in DETR (arXiv 2005.12872v3 Sec. 3.2): `sine_position_embedding`.
 """
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +24,25 @@ from torchvision.ops import stochastic_depth
 
 from config import BACKBONES
 
+
+def sine_position_embedding(mask: Tensor, num_feats: int, temperature: float) -> Tensor:
+    """Sine encoding of each pixel's position, normalised to the image's valid size (DETR Sec. 3.2).
+
+    mask (B, H, W), True on padding. Returns (B, 2 * num_feats, H, W) float32: y features then x,
+    sin and cos interleaved. Computed in float32, as official DINO, whatever the model's dtype.
+    """
+    not_mask = ~mask
+    y = not_mask.cumsum(1, dtype=torch.float32)
+    x = not_mask.cumsum(2, dtype=torch.float32)
+    eps, scale = 1e-6, 2 * math.pi
+    y = y / (y[:, -1:, :] + eps) * scale
+    x = x / (x[:, :, -1:] + eps) * scale
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=mask.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+    pos_x, pos_y = x[..., None] / dim_t, y[..., None] / dim_t  # (B, H, W, F)
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
 def run_layer(layer: nn.Module, checkpointed: bool, *args):

@@ -4,6 +4,7 @@
 fields, and the matcher's and the losses' keyword defaults point at them (`Config.set_cost_class`...):
 each default lives here and nowhere else.
 """
+import math
 from dataclasses import dataclass, fields
 
 
@@ -66,6 +67,17 @@ class Config:
 
 class ConfigError(ValueError):
     """A hyperparameter out of its range; the message names its flag."""
+
+
+class TooFewTokens(ValueError):
+    """An image too small for the number of queries: mixed query selection keeps Q of its S encoder tokens."""
+
+    def __init__(self, tokens: int, queries: int):
+        # a side-n square gives about n^2 / 64 * (1 + 1/4 + 1/16 + 1/64) tokens on the strides 8, 16, 32, 64
+        side = math.ceil(math.sqrt(queries * 64 / (1 + 1 / 4 + 1 / 16 + 1 / 64)))
+        super().__init__(f"an image (after resizing) gives {tokens} encoder tokens, fewer than the {queries} queries "
+                         f"the model keeps: it needs about {side}x{side} pixels or more (or a model with fewer "
+                         f"queries)")
 
 
 BACKBONES = ("r50", "swinl", "r18")

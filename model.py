@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from backbone import build_backbone, run_layer
-from config import Config, make_config
+from backbone import build_backbone, run_layer, sine_position_embedding
+from config import Config, TooFewTokens, make_config
 from deformable_attn import MSDeformAttn
 from denoising import PaddedTargets, build_cdn_queries, pad_targets
 from msda_cuda import level_layout
@@ -41,32 +41,10 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def sine_position_embedding(mask: Tensor, num_feats: int, temperature: float) -> Tensor:
-    """Sine encoding of each pixel's position, normalised to the image's valid size (DETR Sec. 3.2).
-
-    mask (B, H, W), True on padding. Returns (B, 2 * num_feats, H, W) float32: y features then x,
-    sin and cos interleaved. Computed in float32, as official DINO, whatever the model's dtype (appendix/precision.py).
-    """
-    not_mask = ~mask
-    y = not_mask.cumsum(1, dtype=torch.float32)
-    x = not_mask.cumsum(2, dtype=torch.float32)
-    eps, scale = 1e-6, 2 * math.pi
-    y = y / (y[:, -1:, :] + eps) * scale
-    x = x / (x[:, :, -1:] + eps) * scale
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=mask.device)
-    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
-    pos_x, pos_y = x[..., None] / dim_t, y[..., None] / dim_t  # (B, H, W, F)
-    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
-    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
-
-
 def box_sine_embedding(boxes: Tensor, num_feats: int) -> Tensor:
-    """Sine encoding of anchor boxes for the positional queries (DAB-DETR arXiv 2201.12329v4 Sec. 4.2).
-
-    boxes (B, Q, 4) (cx, cy, w, h). Returns (B, Q, 4 * num_feats) ordered (y, x, w, h) as official
-    DINO, temperature 10000 (not pe_temperature).
-    """
+    """Sine encoding of anchor boxes for the positional queries (DAB-DETR arXiv 2201.12329v4 Sec. 4.2):
+    boxes (B, Q, 4) (cx, cy, w, h) -> (B, Q, 4 * num_feats) ordered (y, x, w, h) as official DINO,
+    temperature 10000 (not pe_temperature)."""
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
     dim_t = 10000 ** (2 * (dim_t // 2) / num_feats)
     pos = boxes[..., [1, 0, 2, 3], None] * (2 * math.pi) / dim_t  # (B, Q, 4, F): y, x, w, h at once
@@ -92,18 +70,12 @@ def pixel_centres(H: int, W: int, device: torch.device) -> Tensor:
 
 
 def encoder_reference_points(level_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
-    """Each token's pixel centre as a reference point on every level (Deformable DETR Sec. 4.1).
-
-    level_shapes [(H_l, W_l)] * L; ratios (B, L, 2) from valid_ratios.
-    Returns (B, S, L, 2) (x, y) in [0, 1] of each padded map, float32.
-    """
-    points = []
-    for lvl, (H, W) in enumerate(level_shapes):
-        centres = pixel_centres(H, W, ratios.device)  # (H*W, 2)
-        ys = centres[:, 1][None] / (ratios[:, None, lvl, 1] * H)  # normalised to the valid height
-        xs = centres[:, 0][None] / (ratios[:, None, lvl, 0] * W)
-        points.append(torch.stack((xs, ys), -1))
-    return torch.cat(points, 1)[:, :, None] * ratios[:, None]
+    """Each token's pixel centre as a reference point on every level (Deformable DETR Sec. 4.1):
+    level_shapes [(H_l, W_l)] * L, ratios (B, L, 2) from valid_ratios -> (B, S, L, 2) (x, y) in [0, 1] of
+    each padded map, float32."""
+    valid_wh = [ratios[:, None, lvl] * ratios.new_tensor([W, H]) for lvl, (H, W) in enumerate(level_shapes)]
+    points = [pixel_centres(H, W, ratios.device)[None] / wh for (H, W), wh in zip(level_shapes, valid_wh)]
+    return torch.cat(points, 1)[:, :, None] * ratios[:, None]  # normalised to each level's valid size, then padded
 
 
 def encoder_proposals(memory: Tensor, padding_mask: Tensor, level_shapes: list[tuple[int, int]]):
@@ -114,12 +86,9 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, level_shapes: list[t
     coordinates are invalid: their box becomes +inf and their memory 0. Official DINO still lets
     them compete in the top-Q selection (their score is that of a zero memory); so do we.
 
-    The sizes, 0.05 to 0.4 on the four levels, always are. A centre (k + 1/2) / n (pixel k of the n
-    unpadded ones) is tested on integers: it is within (0.01, 0.99) when n < 100 k + 50 < 99 n. That
-    is the official float32 test exactly on any map under 50,000 pixels wide, and it cannot depend on
-    how a division rounds: torch.compile's GPU kernels divide approximately, and the last row of a
-    50-row level, at 49.5 / 50 = 0.99 exactly, came out valid there and invalid in eager mode, which
-    changed the selected queries.
+    The sizes, 0.05 to 0.4, always are. A centre (k + 1/2) / n (pixel k of n unpadded ones) is tested on
+    integers, n < 100 k + 50 < 99 n: the official float32 test on any map under 50,000 pixels wide, without
+    the rounding of a division (compiled GPU kernels divide approximately: 49.5 / 50 = 0.99 came out valid).
     memory (B, S, C), padding_mask (B, S), level_shapes [(H_l, W_l)] * L.
     Returns memory (B, S, C), proposals (B, S, 4) float32.
     """
@@ -137,17 +106,6 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, level_shapes: list[t
     proposals = torch.log(proposals / (1 - proposals))
     invalid = (padding_mask | ~torch.cat(inside, 1))[..., None]
     return memory.masked_fill(invalid, 0.0), proposals.masked_fill(invalid, float("inf"))
-
-
-class TooFewTokens(ValueError):
-    """An image too small for the number of queries: mixed query selection keeps Q of its S encoder tokens."""
-
-    def __init__(self, tokens: int, queries: int):
-        # a side-n square gives about n^2 / 64 * (1 + 1/4 + 1/16 + 1/64) tokens on the strides 8, 16, 32, 64
-        side = math.ceil(math.sqrt(queries * 64 / (1 + 1 / 4 + 1 / 16 + 1 / 64)))
-        super().__init__(f"an image (after resizing) gives {tokens} encoder tokens, fewer than the {queries} queries "
-                         f"the model keeps: it needs about {side}x{side} pixels or more (or a model with fewer "
-                         f"queries)")
 
 
 class MLP(nn.Module):
@@ -250,12 +208,7 @@ def update_box(box: Tensor, offset: Tensor) -> Tensor:
 class Decoder(nn.Module):
     """The 6-layer decoder of DINO (Sec. 3.1, 3.5): each layer refines every query's anchor box, and the next
     layer reads its queries' positions from the refined boxes (DAB-DETR's anchors as positional queries).
-
-    Layers: self-attention among the queries (the denoising mask keeps groups apart), deformable
-    cross-attention into the encoder's memory around each anchor box, FFN; post-norm. A shared final
-    LayerNorm gives the hidden states that the class and box heads read; `forward` takes the box head
-    (shared with DINO's outputs) and returns each layer's supervised boxes (look forward twice).
-    """
+    A shared final LayerNorm gives the hidden states the class and box heads (DINO's, handed in) read."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -384,7 +337,7 @@ class DINO(nn.Module):
         memory = self.enc_output_norm(self.enc_output(memory))
         logits = self.enc_class_head(memory)  # (B, S, K)
         boxes_unsig = self.enc_box_head(memory) + proposals  # (B, S, 4), refined proposals
-        topk = self.top_tokens(logits.max(-1)[0], Q)  # (B, Q) by best class score
+        topk = logits.max(-1)[0].topk(Q, dim=1)[1]  # (B, Q) the best tokens by their best class score
         anchors_unsig = boxes_unsig.gather(1, topk[..., None].expand(-1, -1, 4))
         interm = {"pred_logits": logits.gather(1, topk[..., None].expand(-1, -1, logits.shape[-1])),
                   "pred_boxes": anchors_unsig.sigmoid()}
@@ -393,19 +346,9 @@ class DINO(nn.Module):
         content = self.content_queries.weight[None].expand(B, -1, -1)
         return content, anchors_unsig.detach(), interm
 
-    def top_tokens(self, scores: Tensor, k: int) -> Tensor:
-        """scores (B, S) -> (B, k) the indices of the k best tokens, best first. (export.py's check replaces
-        it, to give PyTorch the tokens a runtime chose among near-tied ones.)"""
-        return scores.topk(k, dim=1)[1]
-
     def forward(self, images: Tensor, mask: Tensor | None = None, targets: list[dict] | PaddedTargets | None = None) -> dict:
-        """images (B, 3, H, W) normalised and zero-padded; mask (B, H, W) True on padding;
-        targets (training with denoising only): [{"labels": (G_b,), "boxes": (G_b, 4)}] * B, or the same
-        as denoising.PaddedTargets.
-
-        Returns {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4), "aux_outputs": [{...}] * 5,
-        "interm_outputs": {...}}, plus "dn_outputs" and "dn_queries" when denoising queries were added.
-        """
+        """Fig. 2 from left to right: the backbone's multi-scale features, then the transformer and heads.
+        Inputs and outputs as in the class docstring; targets may also be denoising.PaddedTargets."""
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
         srcs, masks = self.multi_scale_features(images, mask)
@@ -427,10 +370,9 @@ class DINO(nn.Module):
         content, anchors_unsig, interm = self.mixed_query_selection(memory, padding_mask, level_shapes)
 
         dn = None
-        if self.training and targets is not None and self.cfg.dn_number > 0:
-            if not isinstance(targets, PaddedTargets):  # train.py pads them itself, before a compiled forward
-                targets = pad_targets(targets)
-            dn = build_cdn_queries(targets, self.dn_label_embed, self.cfg.num_classes, self.cfg.num_queries,
+        if self.training and targets is not None and self.cfg.dn_number > 0:  # contrastive denoising (Sec. 3.3)
+            padded = targets if isinstance(targets, PaddedTargets) else pad_targets(targets)  # or train.py did
+            dn = build_cdn_queries(padded, self.dn_label_embed, self.cfg.num_classes, self.cfg.num_queries,
                                    self.cfg.dn_number, self.cfg.dn_box_noise_scale, self.cfg.dn_label_noise_ratio)
         if dn is not None:
             content = torch.cat([dn.content, content], 1)
@@ -467,14 +409,12 @@ def build_dino(backbone: str = "r50", num_classes: int = 91, imagenet_backbone: 
 @torch.no_grad()
 def select_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor, num_select: int = Config.num_select,
                       clip: bool = False, classes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The num_select best (query, class) pairs of each image, over all Q*K sigmoid scores, as in official
-    DINO. logits (B, Q, K), boxes (B, Q, 4) cxcywh in [0, 1] of each image, target_sizes (B, 2) (height,
-    width) of the original images; `classes` (K',) int64, the class indices that are categories (None: all
-    K). The class head has a row for every index up to the largest category id, and the rows that are no
-    category (COCO's 11 gaps, the data's unused ids) were trained as background only: they are never
-    reported. Returns scores (B, n), labels (B, n), boxes (B, n, 4) x1y1x2y2 in the original pixels,
-    n = min(num_select, Q * K'); with `clip`, the boxes clipped to the image (official DINO, and the COCO
-    evaluation here, leave them as predicted). Tensors in, tensors out: export.py traces it."""
+    """The num_select best (query, class) pairs of each image over all Q*K sigmoid scores, as official DINO.
+    logits (B, Q, K), boxes (B, Q, 4) cxcywh in [0, 1], target_sizes (B, 2) (height, width) of the original
+    images; `classes` (K',) int64, the class indices that are categories (None: all K): the rows of no
+    category (COCO's 11 gaps, unused ids) were trained as background only and are never reported.
+    Returns scores (B, n), labels (B, n), boxes (B, n, 4) x1y1x2y2 in the original pixels, n = min(num_select,
+    Q * K'); `clip` clips them to the image (official DINO does not). Tensors in and out: export traces it."""
     if classes is not None:
         logits = logits.index_select(-1, classes)
     B, Q, K = logits.shape

@@ -90,7 +90,7 @@ class Deployable(nn.Module):
 
 def export(deployable: Deployable, path: Path, height: int, width: int, batch: int, dynamic_batch: bool,
            opset: int, msda: str = "gather", categories: dict[int, str] | None = None) -> float:
-    """Write the ONNX file, the deformable attention traced as msda_cuda.TRACED_FORMULATIONS[msda], and the
+    """Write the ONNX file, the deformable attention traced as `msda` (msda_cuda.traced_as), and the
     category names by id in its metadata ("categories", JSON: onnx_detect.py prints them); returns the
     seconds it took."""
     example = random_inputs(batch, height, width, seed=0)
@@ -135,8 +135,8 @@ def generated_inputs(batch: int, height: int, width: int) -> tuple[Tensor, Tenso
 
 
 def query_selection_output(path: Path) -> str:
-    """The name, in the exported graph, of the tokens the mixed query selection keeps (model.top_tokens):
-    the indices of the graph's first TopK (the second is select_detections')."""
+    """The name, in the exported graph, of the tokens the mixed query selection keeps (the top-Q of
+    model.mixed_query_selection): the indices of the graph's first TopK (the second is select_detections')."""
     import onnx
     tops = [node for node in onnx.load(str(path)).graph.node if node.op_type == "TopK"]
     if len(tops) != 2:
@@ -146,16 +146,21 @@ def query_selection_output(path: Path) -> str:
 
 @contextlib.contextmanager
 def forced_selection(model: nn.Module, tokens: Tensor, scores: list[Tensor]):
-    """Within it, `model` keeps `tokens` (B, Q) in its mixed query selection, and appends the scores it
-    chose them from to `scores`."""
-    def top_tokens(token_scores: Tensor, k: int) -> Tensor:
-        scores.append(token_scores)
-        return tokens
-    model.top_tokens = top_tokens
+    """Within it, `model` keeps `tokens` (B, Q) in its mixed query selection, in that order, and appends the
+    token scores (B, S) it would have chosen from to `scores`. A hook on the encoder's class head records each
+    token's best class logit, then lifts the kept tokens' logits above every other, in their order: the
+    top-Q are then `tokens` (the selected logits themselves feed only the encoder's auxiliary outputs)."""
+    def keep(module: nn.Module, inputs, logits: Tensor) -> Tensor:  # logits (B, S, K)
+        scores.append(logits.max(-1)[0])
+        Q = tokens.shape[1]
+        above = logits.amax() + 1 + torch.arange(Q, 0, -1, device=logits.device, dtype=logits.dtype)  # (Q,)
+        return logits.scatter(1, tokens[..., None].expand(-1, -1, logits.shape[-1]),
+                              above[None, :, None].expand(len(tokens), -1, logits.shape[-1]))
+    handle = model.enc_class_head.register_forward_hook(keep)
     try:
         yield
     finally:
-        del model.top_tokens
+        handle.remove()
 
 
 def compare_with_ties_resolved(deployable: Deployable, inputs, got: list, tol: float) -> tuple[bool, str]:

@@ -204,7 +204,7 @@ def test_an_image_smaller_than_its_scale_promised_is_one_line_naming_the_size_ne
     """A thin strip (the shorter side is --scale's, the longer one capped) still gives too few tokens: the
     forward's own check, the pixels it needs."""
     from appendix.inference import Detector
-    from model import TooFewTokens
+    from config import TooFewTokens
     detector = Detector(tiny_dino(num_queries=30).eval(), make_config(**TINY, scale=0.06), {}, "cpu")  # 48: 52 tokens
     with pytest.raises(TooFewTokens, match="fewer than the 30 queries the model keeps: it needs about 39x39 pixels"):
         detector(torch.zeros(3, 10, 400, dtype=torch.uint8))  # 48 x 80 at most: 1333 x 0.06

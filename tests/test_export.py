@@ -108,10 +108,10 @@ def test_the_check_resolves_near_ties_as_the_runtime_did_and_catches_a_wrong_cho
     deployable = export.Deployable(load_tiny(tiny_checkpoint), 300)
     inputs = export.random_inputs(1, H, W, seed=5)
     model, seen = deployable.model, []
-    model.top_tokens = lambda scores, k: seen.append(scores) or type(model).top_tokens(model, scores, k)
+    handle = model.enc_class_head.register_forward_hook(lambda module, args, logits: seen.append(logits.max(-1)[0]))
     with torch.no_grad():
         deployable(*inputs)
-    del model.top_tokens
+    handle.remove()
     scores = seen[0][0]
     order = scores.argsort(descending=True)
     Q = deployable.model.cfg.num_queries
@@ -129,6 +129,24 @@ def test_the_check_resolves_near_ties_as_the_runtime_did_and_catches_a_wrong_cho
     worse = torch.cat([order[:Q - 1], order[-1:]])  # the worst token of all
     assert not export.compare_with_ties_resolved(deployable, inputs, runtime(worse), tol=gap * 1.01 + 1e-7)[0]
     assert not export.compare_with_ties_resolved(deployable, inputs, runtime(order[:Q], nudge=0.5), tol=1e-4)[0]
+
+
+def test_forced_selection_keeps_the_tokens_given_in_their_order(tiny_checkpoint):
+    """PyTorch made to keep the best Q tokens in reverse order selects exactly the anchors it selects unforced,
+    reversed; and the scores it records are the unforced ones."""
+    model = load_tiny(tiny_checkpoint).eval()
+    images = export.random_inputs(1, H, W, seed=5)[0].float() / 255
+    with torch.no_grad():
+        free = model(images)["interm_outputs"]["pred_boxes"]
+        seen, handle = [], model.enc_class_head.register_forward_hook(lambda m, a, logits: seen.append(logits.max(-1)[0]))
+        model(images)
+        handle.remove()
+        Q = model.cfg.num_queries
+        recorded = []
+        with export.forced_selection(model, seen[0].topk(Q, dim=1)[1].flip(1), recorded):
+            forced = model(images)["interm_outputs"]["pred_boxes"]
+    torch.testing.assert_close(forced, free.flip(1), rtol=0, atol=0)
+    torch.testing.assert_close(recorded[0], seen[0], rtol=0, atol=0)
 
 
 def test_compare_detections_forgives_reordered_ties_not_wrong_boxes():

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+from backbone import sine_position_embedding
 from conftest import tiny_dino
-from model import (TooFewTokens, box_sine_embedding, build_dino, encoder_proposals, inverse_sigmoid, postprocess,
-                   sine_position_embedding)
+from config import TooFewTokens
+from model import box_sine_embedding, build_dino, encoder_proposals, inverse_sigmoid, postprocess
 
 
 def test_output_shapes():
