@@ -28,11 +28,11 @@ from PIL import Image
 from torchvision.ops import box_convert, box_iou
 
 from appendix import plots
-from config import Config, ConfigError
+from config import Config, ConfigError, TooFewTokens
 from appendix.cpu_memory import heap_kept
 from data import CocoDetection, DataError, collate, make_transforms, split_paths
 from appendix.inference import Detector, check_options, image_sources, merge_detections
-from model import TooFewTokens, postprocess
+from model import postprocess
 from appendix.onnx_detect import RUNTIMES, graph_inputs, open_session
 from appendix.precision import amp_autocast, at_least_float32
 from appendix.runs import replace_atomically, writable, write_atomically
