@@ -13,23 +13,21 @@ validation set; the best AP so far is kept in OUTPUT_DIR/best.pth. --resume cont
 checkpoint.pth with the optimiser, schedule, epoch and random state, giving the same losses as a
 run that never stopped.
 
-Reading order: main -> set_up (flags, processes, output folder, data, config: a Setup) -> build_state
-(model, optimiser, ...: a runs.TrainState) -> train (the epoch loop) -> train_one_epoch -> train_step
-(forward, loss terms, weighted sum, backward, clip, step).
+Read it from the recipe outwards: train_step (forward, loss terms, weighted sum, backward, clip, step)
+-> train_one_epoch -> train (the epoch loop; evaluate_and_save ends each epoch) -> build_state (model, AdamW,
+step schedule, EMA) -> main. What a product adds around the recipe is in the appendix: run_setup.py (set_up:
+processes, the output folder, the data and its checks, the config), safe_step.py (the step's backward, clip
+and step made safe for long runs), runs.py (checkpoints, resuming, signals), progress.py (the progress line,
+TensorBoard).
 """
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
-import math
-import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -37,28 +35,27 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-from appendix import plots
-from appendix.checkpoints import load_pretrained, load_pretrained_backbone, pretrained_architecture, read_checkpoint
-from config import CHANGEABLE_ON_RESUME, MAX_CLASSES, Config, ConfigError, flag, make_config
-from data import CocoDetection, DataError, collate, make_shapes_dataset, make_transforms, split_paths
-from eval import METRIC_NAMES, device_from_flag, evaluate, format_metrics, save_pictures, write_plots
-from appendix.inference import Detector, check_scale, detected_classes
+from config import Config, ConfigError, TooFewTokens, flag
+from data import DataError
 from denoising import pad_targets
+from eval import METRIC_NAMES, evaluate, format_metrics
 from losses import Criterion
-from model import DINO, TooFewTokens, build_dino
-from appendix.precision import amp_autocast, amp_dtype
-from appendix.static_shapes import bucket_step, compiled, criterion_for, target_slots
-from appendix.runs import (CheckpointClock, EpochOrder, StopSignals, Stopped, TrainState, claim_output_dir,
-                           data_worker_init, save_atomically, signals_held, write_atomically)
+from model import DINO, build_dino
+from appendix import plots, safe_step
+from appendix.checkpoints import load_pretrained, load_pretrained_backbone
+from appendix.detect import save_pictures, write_plots
+from appendix.inference import Detector, detected_classes
+from appendix.precision import amp_autocast
+from appendix.progress import RunningLoss, epoch_to_board, report, tensorboard_writer
+from appendix.run_setup import Setup, set_up
+from appendix.runs import CheckpointClock, StopSignals, Stopped, TrainState, save_atomically, signals_held, write_atomically
+from appendix.safe_step import NonFiniteLoss, make_grad_scaler, raise_if_skipped
+from appendix.static_shapes import compiled, criterion_for, target_slots
 
 # the demo: a small DINO-4scale on ResNet-18 from scratch, on generated shapes at a quarter of COCO's sizes
 DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
             num_queries=100, dn_number=50, lr=2e-4, lr_backbone=2e-4, batch_size=4, epochs=6, lr_drop=5,
             scale=0.25, num_workers=2)
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 EMA_WARMUP = 2000  # tau, in steps, of the EMA's decay warm-up: RT-DETR's and ultralytics' ModelEMA
@@ -89,59 +86,21 @@ def lr_at_epoch(cfg: Config, epoch: int) -> float:
 
 def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images: Tensor, mask: Tensor,
                targets: list[dict], cfg: Config) -> dict[str, Tensor]:
-    """forward (autocast under --amp), loss terms, weighted sum, backward, clip, step. Returns the terms.
+    """One batch of the seed's recipe, as DETR's engine.train_one_epoch: forward, loss terms, weighted sum,
+    backward, clip, step. Returns the unweighted terms and "loss", their weighted sum.
 
-    A step whose loss or gradients are not finite in any process is not taken, and NonFiniteLoss is raised:
-    with fused AdamW and no loss scaling, the optimiser skips it on the device (nothing waits for that
-    verdict) and the next step, or `raise_if_skipped` at the end of the epoch, raises, reading it after the
-    matching has waited for the device anyway; otherwise before the step, as it is computed."""
-    # the targets as tensors, once for the forward's denoising queries and the criterion (to more slots
-    # under --compile: appendix/static_shapes.py)
+    The last three are appendix/safe_step.py's: loss scaling under fp16, and a step whose loss or gradients
+    are not finite in any process is not taken (NonFiniteLoss, raised then or at the next step's backward)."""
+    # the targets as tensors, once for the denoising queries and the criterion (to more slots under --compile)
     padded = pad_targets(targets, target_slots(max(len(t["labels"]) for t in targets), cfg.compile))
     with amp_autocast(images.device, cfg.amp):
         outputs = model(images, mask, padded)
-    terms = criterion(outputs, targets, padded)  # in float32: the criterion casts the predictions
-    raise_if_skipped(optimizer)  # the last step's verdict, long computed: the matching waited for this forward
-    loss = terms["loss"]
+    terms = criterion(outputs, targets, padded)  # float32: the criterion casts the predictions
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    finite = torch.isfinite(loss)
-    if cfg.clip_max_norm > 0:
-        scaler.unscale_(optimizer)
-        clip = compiled_clipping() if cfg.compile else torch.nn.utils.clip_grad_norm_
-        norm = clip(list(model.parameters()), cfg.clip_max_norm)
-        if not scaler.is_enabled():  # under fp16 loss scaling, gradients that overflow are the scaler's to skip
-            finite &= torch.isfinite(norm)
-    skipped = (~finite).float()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(skipped, op=dist.ReduceOp.MAX)  # every process skips and stops together
-    if optimizer.defaults.get("fused") and not scaler.is_enabled():
-        optimizer.found_inf = skipped  # fused AdamW's own skip, as GradScaler uses it (torch.optim.adamw)
-    elif skipped.item():
-        raise NonFiniteLoss(f"the loss ({loss.item()}) or a gradient is not finite; this process's terms: "
-                            f"{ {k: round(v.item(), 4) for k, v in terms.items()} }")
-    scaler.step(optimizer)
-    scaler.update()
+    safe_step.backward(terms["loss"], optimizer, scaler)
+    norm = safe_step.clip(model.parameters(), cfg.clip_max_norm, optimizer, scaler, cfg.compile)  # 0.1
+    safe_step.step(optimizer, scaler, terms, norm)
     return terms
-
-
-@functools.cache
-def compiled_clipping():
-    """clip_grad_norm_ compiled: one program for every gradient's norm and scaling (eagerly, a few operators
-    per parameter)."""
-    return compiled(torch.nn.utils.clip_grad_norm_)
-
-
-def raise_if_skipped(optimizer: torch.optim.Optimizer) -> None:
-    """NonFiniteLoss if the optimiser's last step was skipped for a loss or gradient that was not finite."""
-    skipped = getattr(optimizer, "found_inf", None)
-    if skipped is not None and skipped.item():
-        raise NonFiniteLoss("the loss or a gradient was not finite at the last step, which was not taken")
-
-
-def make_grad_scaler(device: torch.device, cfg: Config) -> torch.amp.GradScaler:
-    """Loss scaling, on only where --amp runs in fp16 (GPUs without bf16): bf16 needs none."""
-    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16)
 
 
 def build_optimizer(model: DINO, cfg: Config) -> torch.optim.Optimizer:
@@ -152,16 +111,6 @@ def build_optimizer(model: DINO, cfg: Config) -> torch.optim.Optimizer:
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
     return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr_backbone}],
                              weight_decay=cfg.weight_decay, fused=rest[0].device.type in ("cuda", "cpu") or None)
-
-
-def tensorboard_writer(folder: Path | None):
-    """TensorBoard's SummaryWriter for `folder` (None: only check that it can be had). TensorBoard is an
-    optional dependency: without it, --tensorboard is a one-line error before any work."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("--tensorboard needs TensorBoard: pip install tensorboard") from None
-    return SummaryWriter(str(folder)) if folder is not None else None
 
 
 def minutes(text: str) -> float:
@@ -204,113 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- a run: its set-up, one epoch, the epoch loop --------------------------------------------------------
-
-@dataclass
-class Setup:
-    """How a run is set up, fixed for its whole length: what the epoch loop reads and never changes.
-    (What it changes, and a checkpoint keeps, is runs.TrainState.)"""
-    cfg: Config
-    device: torch.device
-    output_dir: Path
-    rank: int
-    world: int
-    distributed: bool
-    train_set: CocoDetection
-    val_set: CocoDetection
-    log: Callable
-    plots: bool = False  # OUTPUT_DIR/plots/ (rank 0, where matplotlib is installed)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.output_dir / "checkpoint.pth"
-
-    @property
-    def iterations(self) -> int:
-        """Training iterations per epoch, in every process."""
-        samples = len(EpochOrder(len(self.train_set), self.cfg.seed, 0, self.rank, self.world))
-        return math.ceil(samples / self.cfg.batch_size)
-
-    def loader(self, train: bool, epoch: int = 0, skip: int = 0) -> torch.utils.data.DataLoader:
-        """The training batches of `epoch` from iteration `skip` on, in an order that a resumed run continues
-        exactly, augmentation included (runs.EpochOrder); or the validation set, one image at a time, as
-        eval.py: an image padded to its batch's largest is detected a little differently (the demo's AP is
-        0.528 evaluated in batches of 4, 0.564 one by one), and a checkpoint's AP must not depend on the
-        batches it was evaluated in. Worker seeds come from a generator of the loader's own: loading never
-        shifts the training's random stream."""
-        cfg = self.cfg
-        if train:
-            sampler = EpochOrder(len(self.train_set), cfg.seed, epoch, self.rank, self.world, skip * cfg.batch_size)
-        elif self.distributed:
-            sampler = torch.utils.data.DistributedSampler(self.val_set, shuffle=False)
-        else:
-            sampler = torch.utils.data.SequentialSampler(self.val_set)
-        fixed = functools.partial(collate, multiple=bucket_step(cfg.scale)) if train and cfg.compile else collate
-        return torch.utils.data.DataLoader(self.train_set if train else self.val_set, sampler=sampler,
-                                           batch_size=cfg.batch_size if train else 1, collate_fn=fixed,
-                                           num_workers=cfg.num_workers, worker_init_fn=data_worker_init,
-                                           generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                                           pin_memory=self.device.type == "cuda")
-
-    def contents(self, state: TrainState) -> dict | None:
-        """The checkpoint of `state` with this run's config and category names (rank 0; every process calls it)."""
-        return state.contents(dataclasses.asdict(self.cfg), self.train_set.category_names, self.is_main)
-
-    def save(self, state: TrainState) -> None:
-        """checkpoint.pth from `state` (every process calls it)."""
-        checkpoint = self.contents(state)
-        if checkpoint is not None:
-            save_atomically(checkpoint, self.checkpoint_path)
-
-
-class RunningLoss:
-    """An epoch's sums of every unweighted loss term so far, kept where they are computed (reading them back
-    would wait for the GPU at every step); `saved()` gives them as floats for a mid-epoch checkpoint."""
-
-    def __init__(self, saved: dict | None = None):
-        self.sums = dict(saved["sums"]) if saved else {}
-        self.counts = dict(saved["counts"]) if saved else {}
-
-    def add(self, terms: dict[str, Tensor]) -> None:
-        for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value.detach()
-            self.counts[name] = self.counts.get(name, 0) + 1
-
-    def mean(self, name: str) -> float:
-        return float(self.sums[name] / self.counts[name])
-
-    def saved(self) -> dict:
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "counts": dict(self.counts)}
-
-    def epoch_means(self, device: torch.device) -> dict[str, float]:
-        """The mean of every term, over all processes under torch.distributed (the log holds theirs, not
-        rank 0's alone)."""
-        names = sorted(self.sums)
-        means = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device) / self.counts[k]
-                             for k in names])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
-        return dict(zip(names, means.tolist()))
-
-
-def report(setup: Setup, state: TrainState, losses: RunningLoss, rate: float, board) -> None:
-    """The progress line (and TensorBoard's running means): iteration state.iteration of the epoch done."""
-    total, done, lr = setup.iterations, state.iteration, state.optimizer.param_groups[0]["lr"]
-    if board is not None:
-        step = state.epoch * total + done
-        for name in losses.sums:
-            board.add_scalar(f"train/{name}", losses.mean(name), step)
-        board.add_scalar("train/lr", lr, step)
-        board.add_scalar("train/iterations_per_second", rate, step)
-    left = (total - done + (setup.cfg.epochs - state.epoch - 1) * total) / rate
-    print(f"epoch {state.epoch} [{done}/{total}] loss {losses.mean('loss'):.3f} (ce {losses.mean('loss_ce'):.3f} "
-          f"bbox {losses.mean('loss_bbox'):.3f} giou {losses.mean('loss_giou'):.3f}) lr {lr:.2e} {rate:.2f} it/s, "
-          f"epoch ends in {(total - done) / rate:.0f} s, training in {left / 3600:.1f} h", flush=True)
-
 
 def train_one_epoch(setup: Setup, state: TrainState, model: torch.nn.Module, criterion: Criterion,
                     clock: CheckpointClock, board=None) -> dict[str, float]:
@@ -421,14 +263,6 @@ def run_plots(setup: Setup, evaluated: torch.nn.Module, log_text: str, best_metr
         write_plots(detector, setup.val_set, best_metrics, folder, 0.3)
 
 
-def epoch_to_board(board, losses: dict, metrics: dict, step: int) -> None:
-    """TensorBoard: the epoch's mean losses and its metrics (if it was evaluated), at the step it ended."""
-    for name, value in losses.items():
-        board.add_scalar(f"epoch/{name}", value, step)
-    for name in METRIC_NAMES if metrics else ():
-        board.add_scalar(f"val/{name}", metrics[name], step)
-
-
 def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minutes: float, board,
           held: contextlib.ExitStack) -> dict:
     """The epoch loop, from where `state` stands to cfg.epochs; returns the last evaluation's metrics."""
@@ -466,7 +300,8 @@ def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minu
             metrics = evaluated_now or metrics
             clock.written()
             if board is not None:
-                epoch_to_board(board, losses, evaluated_now, (epoch + 1) * setup.iterations)
+                epoch_to_board(board, losses, {k: evaluated_now[k] for k in METRIC_NAMES if evaluated_now},
+                               (epoch + 1) * setup.iterations)
             if clock.due()[1] and epoch + 1 < cfg.epochs:  # a stop asked for during the last step or evaluation
                 raise clock.stopped(f"after epoch {epoch}")
     except NonFiniteLoss as e:
@@ -478,162 +313,6 @@ def train(setup: Setup, state: TrainState, criterion: Criterion, checkpoint_minu
         setup.log(f"{e}; checkpoint written to {setup.checkpoint_path}: resume with the same command and --resume")
         sys.exit(e.exit_code)
     return metrics
-
-
-# --- the set-up: processes, the output folder, data, config, the state to train ----------------------------
-
-def start_processes(device_flag: str) -> tuple[torch.device, int, int, bool]:
-    """(device, rank, world size, distributed): under torchrun, one process group, one GPU per process."""
-    device = device_from_flag(device_flag)
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if not distributed:
-        return device, 0, 1, False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device, dist.get_rank(), dist.get_world_size(), True
-
-
-def claim_output(parser: argparse.ArgumentParser, args: argparse.Namespace, is_main: bool,
-                 held: contextlib.ExitStack, log) -> Path:
-    """The output folder, locked for this run (rank 0 holds the lock until the process ends); sets
-    args.resume when torchrun restarted the run. Refuses a folder that holds another run's checkpoint."""
-    output_dir = Path(args.output_dir or ("demo_output" if args.demo else "outputs"))
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (output_dir / "checkpoint.pth").exists():
-        args.resume = True  # restarted by torchrun --max-restarts: go on from the checkpoint
-        log(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from {output_dir / 'checkpoint.pth'}")
-    if args.demo and not args.output_dir and not args.resume:  # a repeated `make demo` keeps the earlier one
-        n = 1
-        while (output_dir / "checkpoint.pth").exists():
-            n += 1
-            output_dir = Path(f"demo_output_{n}")
-    if (output_dir / "checkpoint.pth").exists() and not args.resume:
-        parser.error(f"{output_dir} already holds a run's checkpoint: pass --resume to continue it, "
-                     f"or choose another --output-dir")
-    refusal = None
-    if is_main:
-        try:
-            held.enter_context(claim_output_dir(output_dir))
-        except ConfigError as e:
-            refusal = str(e)
-    if dist.is_available() and dist.is_initialized():  # every process stops if rank 0 was refused
-        shared = [refusal]
-        dist.broadcast_object_list(shared, src=0)
-        refusal = shared[0]
-    if refusal:
-        raise ConfigError(refusal)
-    return output_dir
-
-
-def data_paths(parser: argparse.ArgumentParser, args: argparse.Namespace, output_dir: Path, is_main: bool, log):
-    """(train, val) (image folder, annotation file) pairs; the demo's generated dataset made first."""
-    if args.demo:
-        data_dir = output_dir / "data"
-        if is_main and not (data_dir / "annotations" / "instances_val2017.json").exists():
-            log(f"generating the shapes dataset in {data_dir}")
-            make_shapes_dataset(data_dir)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-        args.data = str(data_dir)
-    paths = [split_paths(split, args.data, getattr(args, f"{split}_images"), getattr(args, f"{split}_json"))
-             for split in ("train", "val")]
-    if None in paths:
-        parser.error("give --data DIR (COCO layout), or --train-images/--train-json/--val-images/--val-json, or --demo")
-    return paths
-
-
-def run_config(given: dict, resumed: dict | None, pretrained: dict | None, args: argparse.Namespace, log) -> Config:
-    """The flags given over a resumed run's saved config, or over a pretrained checkpoint's architecture."""
-    if resumed is not None:
-        saved = resumed["config"]
-        changed = {k: v for k, v in given.items() if saved.get(k) != v}
-        refused = [k for k in changed if k not in CHANGEABLE_ON_RESUME]
-        if refused:
-            raise ConfigError(f"--resume: {', '.join(flag(k) for k in refused)} cannot change in a resumed run (it "
-                              f"was {', '.join(str(saved.get(k)) for k in refused)}); drop the flag, or start a new "
-                              f"run from its weights: --pretrained {args.output_dir or 'OUTPUT_DIR'}/checkpoint.pth")
-        if changed:
-            log("--resume with " + ", ".join(f"{flag(k)} {saved.get(k)} -> {v}" for k, v in changed.items()))
-        return make_config(**{**saved, **changed})
-    saved = pretrained_architecture(pretrained) if pretrained is not None else {}
-    cfg = make_config(**{**saved, **given})  # our checkpoint's architecture, unless a flag says otherwise
-    if saved:
-        log(f"architecture from {args.pretrained}: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in saved))
-    return cfg
-
-
-def check_category_ids(*datasets: CocoDetection) -> int:
-    """The number of classes the datasets' category ids need (the largest id + 1: ids are class indices)."""
-    largest, where = max(((max(d.coco.cats, default=0), d) for d in datasets), key=lambda pair: pair[0])
-    if largest + 1 > MAX_CLASSES:
-        raise DataError(f"{where.ann_file}: category id {largest} ('{where.coco.cats[largest]['name']}') would need a "
-                        f"class head of {largest + 1} outputs (category ids are the class indices): number the "
-                        f"categories 1..{len(where.coco.cats)}")
-    return largest + 1
-
-
-def check_categories(cfg: Config, needed: int, train_set: CocoDetection, val_set: CocoDetection, log) -> None:
-    """Before training: the class head holds every category id (`needed` classes, check_category_ids); the
-    two files name each id alike; a warning for validation categories that the training data never shows
-    (the model cannot learn them: AP 0)."""
-    if cfg.num_classes < needed:
-        raise ConfigError(f"--num-classes {cfg.num_classes} is too small for category id {needed - 1} of the data "
-                          f"(category ids are the class indices): it must be at least {needed}")
-    train_cats, val_cats = train_set.coco.cats, val_set.coco.cats
-    for c in sorted(train_cats.keys() & val_cats.keys()):
-        if train_cats[c].get("name") != val_cats[c].get("name"):
-            raise DataError(f"category id {c} is {train_cats[c].get('name')!r} in {train_set.ann_file} but "
-                            f"{val_cats[c].get('name')!r} in {val_set.ann_file}: the files number their categories "
-                            f"differently")
-    unseen = sorted({a["category_id"] for a in val_set.coco.anns.values()}
-                    - {a["category_id"] for a in train_set.coco.anns.values()})
-    if unseen:
-        log(f"warning: validation categories {', '.join(repr(val_cats[c]['name']) for c in unseen)} have no "
-            f"training annotations: the model cannot learn them, and their AP will be 0")
-
-
-def set_up(parser: argparse.ArgumentParser, args: argparse.Namespace, held: contextlib.ExitStack):
-    """Setup, and the resumed checkpoint or the pretrained one (None if neither); every flag is checked
-    before any work."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-    if args.demo:
-        given = {**DEMO, **given}
-    if not args.resume:  # (a resumed run's flags are checked once merged with its saved config)
-        make_config(**given)
-    if args.tensorboard:
-        tensorboard_writer(None)
-    device, rank, world, distributed = start_processes(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    output_dir = claim_output(parser, args, rank == 0, held, log)
-    train_paths, val_paths = data_paths(parser, args, output_dir, rank == 0, log)
-    resumed = pretrained = None
-    if args.resume:
-        if not (output_dir / "checkpoint.pth").exists():
-            parser.error(f"--resume: {output_dir / 'checkpoint.pth'} does not exist")
-        resumed = read_checkpoint(str(output_dir / "checkpoint.pth"))
-    elif args.pretrained:
-        pretrained = read_checkpoint(args.pretrained)
-    cfg = run_config(given, resumed, pretrained, args, log)
-    train_set = CocoDetection(*train_paths, make_transforms(train=True, scale=cfg.scale), log)
-    val_set = CocoDetection(*val_paths, make_transforms(train=False, scale=cfg.scale), log)
-    needed = check_category_ids(train_set, val_set)
-    if "num_classes" not in given and resumed is None:
-        cfg = dataclasses.replace(cfg, num_classes=needed)
-    check_categories(cfg, needed, train_set, val_set, log)
-    check_scale(cfg, " (or fewer --num-queries)")
-    setup = Setup(cfg, device, output_dir, rank, world, distributed, train_set, val_set, log,
-                  plots=rank == 0 and plots_available(log))
-    return setup, resumed or pretrained
-
-
-def plots_available(log) -> bool:
-    try:
-        plots.require_matplotlib()
-        return True
-    except ConfigError as e:
-        log(f"{e}: no plots in this run")
-        return False
 
 
 def build_state(setup: Setup, args: argparse.Namespace, checkpoint: dict | None) -> TrainState:
@@ -674,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         with contextlib.ExitStack() as held:  # the output folder's lock, released however the run ends
-            setup, checkpoint = set_up(parser, args, held)
+            given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+            setup, checkpoint = set_up(parser, args, {**DEMO, **given} if args.demo else given, held)
             state = build_state(setup, args, checkpoint)
             cfg = setup.cfg
             setup.log(f"DINO-4scale {cfg.backbone}, {cfg.num_classes} classes, "

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import make_config  # noqa: E402
 from losses import Criterion  # noqa: E402
 from model import build_dino  # noqa: E402
-from train import DEMO, build_optimizer, make_grad_scaler, train_step  # noqa: E402
+from train import DEMO, build_optimizer, train_step  # noqa: E402
+from appendix.safe_step import make_grad_scaler  # noqa: E402
 from inference_cpu import attention, nchw_backbone  # noqa: E402
 from train_step import batch  # noqa: E402
 

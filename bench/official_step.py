@@ -43,7 +43,8 @@ from config import make_config  # noqa: E402
 from model import build_dino  # noqa: E402
 from official_parity import official_args, official_model, on_the_cpu  # noqa: E402
 from appendix.static_shapes import compiled, criterion_for  # noqa: E402
-from train import DEMO, build_optimizer, make_grad_scaler, train_step  # noqa: E402
+from train import DEMO, build_optimizer, train_step  # noqa: E402
+from appendix.safe_step import make_grad_scaler  # noqa: E402
 from train_step import batch, timed  # noqa: E402
 
 

@@ -47,7 +47,8 @@ from appendix.inference import compile_model  # noqa: E402
 from model import build_dino, postprocess  # noqa: E402
 from appendix.precision import amp_autocast, amp_dtype, at_least_float32  # noqa: E402
 from appendix.static_shapes import bucket_step, compiled, criterion_for  # noqa: E402
-from train import build_optimizer, make_grad_scaler, train_step  # noqa: E402
+from train import build_optimizer, train_step  # noqa: E402
+from appendix.safe_step import make_grad_scaler  # noqa: E402
 
 CONFIGS = [
     ("fp32", dict()),

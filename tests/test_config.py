@@ -19,6 +19,7 @@ def test_every_config_field_is_read_somewhere():
     """No dead hyperparameters: each field is read from a config object (`cfg.<field>`, or `c.<field>` where
     losses.py names it so) in the code outside config.py, not merely named in a comment or matched by an
     unrelated attribute (`self.scale`, `random.seed`, `args.amp`)."""
-    code = "\n".join(code_without_comments_and_strings(p) for p in ROOT.glob("*.py") if p.name != "config.py")
+    code = "\n".join(code_without_comments_and_strings(p) for p in [*ROOT.glob("*.py"), *ROOT.glob("appendix/*.py")]
+                     if p.name != "config.py")
     unread = [f.name for f in fields(Config) if not re.search(rf"\b(?:cfg|c) \. {f.name}\b", code)]
     assert not unread

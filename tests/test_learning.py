@@ -6,6 +6,7 @@ from config import make_config
 from conftest import tiny_dino
 from losses import Criterion
 from model import postprocess
+from appendix.safe_step import make_grad_scaler
 
 
 def three_rectangles(H=128, W=128):
@@ -28,7 +29,7 @@ def test_small_dino_overfits_one_image():
     overrides = dict(enc_layers=1, num_queries=20, dn_number=20)
     model = tiny_dino(num_classes=3, **overrides).train()
     cfg = make_config(**{**model.cfg.__dict__, "lr": 1e-3, "lr_backbone": 1e-4})  # clipping 0.1, as the seed
-    optimizer, scaler = train.build_optimizer(model, cfg), train.make_grad_scaler(image.device, cfg)
+    optimizer, scaler = train.build_optimizer(model, cfg), make_grad_scaler(image.device, cfg)
     mask = torch.zeros(1, *image.shape[1:], dtype=torch.bool)
     for _ in range(110):  # train.py's own step
         train.train_step(model, Criterion(cfg), optimizer, scaler, image[None], mask, [target], cfg)
