@@ -48,7 +48,8 @@ from appendix.checkpoints import model_from_checkpoint
 from config import ConfigError
 from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, DataError, eval_canvas, make_transforms, shapes_image,
                   split_paths)
-from eval import coco_metrics, letterboxed_results
+from eval import coco_metrics
+from appendix.detect import letterboxed_results
 from appendix.image_io import image_files, read_image
 from appendix.inference import Agreement, compare_detections, detected_classes
 from model import select_detections

@@ -220,6 +220,21 @@ MAX_OVERLAP = 0.75  # more makes every pixel part of 16 tiles or more, for no ob
 MANY_TILES = 100  # an image sliced into more tiles is said to be, with the count: each tile is a forward pass
 
 
+def device_from_flag(name: str) -> torch.device:
+    """--device NAME as a torch.device; a ConfigError (one line) for a name torch does not know or a GPU
+    that is not there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is no device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def check_options(score_thr: float, slice: int | None, overlap: float, batch_size: int) -> None:
     if not 0 <= score_thr <= 1:
         raise ConfigError(f"score_thr (--score-thr) must be in [0, 1], got {score_thr}")

@@ -13,12 +13,48 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import box_convert, box_iou
 
 from config import ConfigError
 from appendix.inference import draw_detections
 from appendix.runs import replace_atomically
 
 GROUND_TRUTH_COLOUR = (30, 160, 60)
+
+
+def confusion_counts(coco_gt, detections: list[dict], image_ids: list[int], score_thr: float,
+                     iou_thr: float = 0.5) -> np.ndarray:
+    """(K + 1, K + 1) counts, rows the true class, columns the predicted one, the last of each background:
+    per image, each detection scoring score_thr or more, best first, takes the unmatched ground-truth box
+    it overlaps most, whatever its class, if by IoU >= iou_thr (a count in [true, predicted]); one left
+    without is a false detection ([background, predicted]) unless it lies on a crowd region (not counted);
+    a box no detection takes was missed ([true, background])."""
+    index = {c: i for i, c in enumerate(sorted(coco_gt.cats))}
+    K = len(index)
+    counts = np.zeros((K + 1, K + 1), dtype=np.int64)
+    by_image = {i: [] for i in image_ids}
+    for d in detections:
+        if d["score"] >= score_thr and d["image_id"] in by_image:
+            by_image[d["image_id"]].append(d)
+    xyxy = lambda boxes: box_convert(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
+    for image_id, found in by_image.items():
+        anns = coco_gt.imgToAnns[image_id]
+        truth = [a for a in anns if not a.get("iscrowd", 0)]
+        found.sort(key=lambda d: -d["score"])
+        iou = box_iou(xyxy([d["bbox"] for d in found]), xyxy([a["bbox"] for a in truth]))
+        crowd = box_iou(xyxy([d["bbox"] for d in found]), xyxy([a["bbox"] for a in anns if a.get("iscrowd", 0)]))
+        taken = torch.zeros(len(truth), dtype=torch.bool)
+        for i, d in enumerate(found):
+            overlap = iou[i].masked_fill(taken, -1)
+            j = int(overlap.argmax()) if len(truth) else -1
+            if j >= 0 and overlap[j] >= iou_thr:
+                taken[j] = True
+                counts[index[truth[j]["category_id"]], index[d["category_id"]]] += 1
+            elif not (crowd.shape[1] and crowd[i].max() >= iou_thr):
+                counts[K, index[d["category_id"]]] += 1
+        for j in (~taken).nonzero().flatten().tolist():
+            counts[index[truth[j]["category_id"]], K] += 1
+    return counts
 
 
 def require_matplotlib():

@@ -33,7 +33,8 @@ from appendix import export  # noqa: E402
 from appendix.checkpoints import model_from_checkpoint  # noqa: E402
 from appendix.cpu_memory import heap_kept  # noqa: E402
 from data import CocoDetection, make_transforms, shapes_image, split_paths  # noqa: E402
-from eval import coco_metrics, letterboxed_results  # noqa: E402
+from eval import coco_metrics  # noqa: E402
+from appendix.detect import letterboxed_results  # noqa: E402
 from model import build_dino  # noqa: E402
 from appendix.onnx_detect import Session  # noqa: E402
 from appendix.precision import amp_autocast  # noqa: E402

@@ -101,7 +101,7 @@ def test_eval_command_on_a_trained_checkpoint(shapes, tmp_path):
 
 
 def test_pictures_of_images_with_the_same_name_do_not_overwrite_each_other():
-    from eval import picture_names
+    from appendix.detect import picture_names
     assert picture_names(["a/img.jpg", "b/img.jpg", "c.png"]) == ["a_img", "b_img", "c"]
     names = picture_names(["x/d.jpg", "x/d.png", "d.gif"])
     assert len(set(names)) == 3
@@ -145,7 +145,7 @@ def trained(shapes, tmp_path_factory):
 
 def eval_main(*argv):
     import eval as evaluation
-    return evaluation.main([*argv, "--num-workers", "0"])
+    return evaluation.main([*argv, *(["--num-workers", "0"] if "--data" in argv else [])])
 
 
 def test_save_results_into_a_new_folder_creates_it(shapes, trained, tmp_path):

@@ -17,7 +17,8 @@ from appendix import onnx_detect
 from appendix.checkpoints import convert_official_state_dict
 from conftest import tiny_dino
 from data import CocoDetection, coco_paths, make_shapes_dataset, make_transforms
-from eval import coco_metrics, letterboxed_results
+from eval import coco_metrics
+from appendix.detect import letterboxed_results
 from eval import main as eval_main
 from appendix.inference import compare_detections
 from model import build_dino, postprocess
@@ -320,9 +321,10 @@ def test_eval_evaluates_an_exported_file_in_either_runtime(exported, tiny_checkp
         eval_main([str(exported[0]), "--data", str(shapes), "--runtime", runtime, "--output-dir", str(out)])
         got = json.loads((out / "metrics.json").read_text())
         assert got["AP"] == pytest.approx(want["AP"], abs=1e-9) and got["AP50"] == pytest.approx(want["AP50"], abs=1e-9)
-    for flags, message in ((["--image", "a.jpg"], "--image is for checkpoints"), (["--amp"], "--amp is for checkpoints")):
+    for flags, message in ((["--image", "a.jpg"], "--image is for checkpoints"),  # eval.py passes it to appendix.detect
+                           (["--data", str(shapes), "--amp"], "--amp is for checkpoints")):
         with pytest.raises(SystemExit):
-            eval_main([str(exported[0]), "--data", str(shapes), "--output-dir", str(tmp_path), *flags])
+            eval_main([str(exported[0]), "--output-dir", str(tmp_path), *flags])
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eval_main([str(tiny_checkpoint), "--data", str(shapes), "--runtime", "openvino", "--output-dir", str(tmp_path)])

@@ -9,7 +9,8 @@ from PIL import Image
 
 from appendix import plots
 from config import ConfigError
-from eval import coco_metrics, confusion_counts
+from eval import coco_metrics
+from appendix.plots import confusion_counts
 
 
 def coco(categories: list[str], images: list[list[tuple[str, list[float]]]], crowd=()):
