@@ -61,6 +61,7 @@ class DNQueries(NamedTuple):
     target_index: Tensor  # (B, Q_dn) int64: the object a positive query reconstructs; -1 for all others
     trained: Tensor       # (Q_dn,) bool: the slots of the groups, the ones the loss reads
     num_groups: Tensor    # () int64
+    labels: Tensor        # (B, Q_dn) int64: the class each query carries, after the label noise (its content's row)
 
 
 def jitter_boxes(boxes_cxcywh: Tensor, negative: Tensor, noise_scale: float) -> Tensor:
@@ -118,4 +119,4 @@ def build_cdn_queries(targets: PaddedTargets, label_embed: nn.Embedding, num_cla
     attn_mask[:num_dn, :num_dn] = group[:, None] != group[None, :]  # groups never see each other
     attn_mask[num_dn:, :num_dn] = True  # matching queries never see DN queries (they would see the answers)
     target_index = torch.where(real & ~negative, obj, -1)
-    return DNQueries(content, noised, attn_mask, target_index, trained, num_groups)
+    return DNQueries(content, noised, attn_mask, target_index, trained, num_groups, labels)

@@ -67,8 +67,11 @@ def require_matplotlib():
 
 
 def save_figure(figure, path: Path) -> Path:
+    """`figure` as PNG, or as JPEG (quality 85: photographs' noise compresses 5x better) where `path` ends in .jpg."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    replace_atomically(path, lambda tmp: figure.savefig(tmp, format="jpeg" if jpeg else "png", dpi=100,
+                                                        **({"pil_kwargs": {"quality": 85}} if jpeg else {})))
     return path
 
 

@@ -227,6 +227,20 @@ MUTANTS = [
     M("slicing: tiles of any size", "appendix/inference.py", "slice < MIN_TILE):", "slice < 2):", ("tests/test_inference.py",)),
     M("slicing: any overlap", "appendix/inference.py", "if not 0 <= overlap <= MAX_OVERLAP:", "if not 0 <= overlap < 1:",
       ("tests/test_inference.py",)),
+    # --- the pictures of the paper's mechanisms: their data path ----------------------------------------------
+    M("explain: each level's scores read at the previous level's offset", "appendix/explain.py",
+      "self.token_scores.split(sizes)", "self.token_scores.roll(sizes[-1]).split(sizes)", ("tests/test_explain.py",)),
+    M("explain: the first decoder layer's sampling drawn", "appendix/explain.py",
+      "sampling_recorded(model.decoder.layers[-1].cross_attn", "sampling_recorded(model.decoder.layers[0].cross_attn",
+      ("tests/test_explain.py",)),
+    M("explain: the neighbouring query's boxes drawn", "appendix/explain.py",
+      'layers = [aux["pred_boxes"][0, query] for', 'layers = [aux["pred_boxes"][0, query - 1] for',
+      ("tests/test_explain.py",)),
+    M("explain: a detection's query taken by the farthest box", "appendix/explain.py",
+      ".abs().amax(-1).argmin())", ".abs().amax(-1).argmax())", ("tests/test_explain.py",)),
+    M("explain: the negatives drawn as the positives", "appendix/explain.py",
+      "return (dn.boxes[0, :objects], dn.boxes[0, objects:2 * objects],",
+      "return (dn.boxes[0, objects:2 * objects], dn.boxes[0, :objects],", ("tests/test_explain.py",)),
 ]
 
 

@@ -77,7 +77,7 @@ def assemble(leaves, layers=2, groups=2):
     return {**pred(*decoder[-1]), "aux_outputs": [pred(*p) for p in decoder[:-1]], "interm_outputs": pred(*interm),
             "dn_outputs": {**pred(*dn[-1]), "aux_outputs": [pred(*p) for p in dn[:-1]]},
             "dn_queries": DNQueries(torch.zeros(B, D, 1), torch.zeros(B, D, 4), torch.zeros(D + Q, D + Q, dtype=torch.bool),
-                                    target_index, trained, torch.tensor(groups))}
+                                    target_index, trained, torch.tensor(groups), torch.zeros(B, D, dtype=torch.int64))}
 
 
 TARGETS = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.4, 0.5, 0.2, 0.3], [0.6, 0.6, 0.3, 0.2]], dtype=torch.float64)},

@@ -14,7 +14,7 @@ LAYERS = [  # bottom to top; the appendix's files by their package's name
     {"appendix.safe_step"},
     {"appendix.inference"},
     {"appendix.plots"},
-    {"appendix.detect"},
+    {"appendix.detect", "appendix.explain"},
     {"eval"},
     {"appendix.export", "appendix.run_setup"},
     {"train"},
