@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-paper gpu-check install clean
+.PHONY: demo test test-paper paper-figures gpu-check install clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ PAPER_TESTS := tests/test_denoising.py tests/test_matcher.py tests/test_model.py
 	tests/test_losses.py tests/test_expected_outputs.py tests/test_learning.py
 test-paper: install
 	$(PY) -m pytest -n auto --dist loadfile $(PAPER_TESTS)
+
+# docs/PAPER.md's pictures of the paper's mechanisms, drawn from the demo's checkpoint (`make demo` first) on one
+# validation image by python -m appendix.explain
+PAPER_IMAGE ?= demo_output/data/val2017/000001.jpg
+paper-figures: install
+	$(PY) -m appendix.explain demo_output/best.pth $(PAPER_IMAGE) --data demo_output/data --output-dir docs/figures
 
 # On a GPU machine, with that machine's own Python (torch, torchvision, numpy, scipy, ninja, pytest; no
 # pycocotools, no package downloads): every GPU figure of BENCHMARKS.md, as markdown, in about 6 minutes.
