@@ -1,5 +1,7 @@
 """The pictures of the paper's mechanisms (appendix/explain.py) draw the model's own data: the sampling of the last
 decoder layer, each layer's boxes, the top-Q tokens as anchors, the denoising queries the model received."""
+import sys
+
 import pytest
 import torch
 from PIL import Image
@@ -145,3 +147,13 @@ def test_the_command_writes_every_picture_and_skips_denoising_without_annotation
             explain.main([str(checkpoint), str(image), *argv, "--output-dir", str(tmp_path / "q")])
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_without_matplotlib_one_line_names_the_pip_command_before_any_work(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(SystemExit) as exit_info:
+        explain.main([str(checkpoint), str(tmp_path / "any.jpg"), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "need matplotlib: pip install matplotlib" in err[0]
+    assert not (tmp_path / "out").exists()
