@@ -58,27 +58,6 @@ DEMO = dict(backbone="r18", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3
             scale=0.25, num_workers=2)
 
 
-EMA_WARMUP = 2000  # tau, in steps, of the EMA's decay warm-up: RT-DETR's and ultralytics' ModelEMA
-
-
-def make_ema(model: DINO, decay: float) -> AveragedModel:
-    """Exponential moving average of the weights, ema = d_t * ema + (1 - d_t) * weights after step t, with
-    the decay warmed up as RT-DETR and ultralytics do, d_t = decay * (1 - exp(-t / EMA_WARMUP)): the first
-    steps' weights are followed closely, and the average reaches `decay`'s window of 1 / (1 - decay) steps
-    only after a few thousand. (Official DINO's EMA keeps `decay` from the first step: after 600 steps at
-    0.9997, 84% of its average is still the random initial weights, whose AP is 0.) torch's AveragedModel,
-    one foreach lerp over all parameters; ema.module is the averaged DINO, and ema.n_averaged counts t
-    from 1. Buffers are copied, never averaged: frozen batch-norm statistics do not change, and Swin's
-    integer position indices must not."""
-    def update(averaged: list[Tensor], current: list[Tensor], steps: Tensor):
-        decay_now = decay * (1 - torch.exp(-steps.double() / EMA_WARMUP))  # on the device: no wait for it
-        torch._foreach_lerp_(averaged, current, (1 - decay_now).to(averaged[0].dtype))
-
-    ema = AveragedModel(model, multi_avg_fn=update, use_buffers=False)
-    ema.n_averaged.fill_(1)  # it starts from the initial weights: AveragedModel would copy the first step's
-    return ema.requires_grad_(False)
-
-
 def lr_at_epoch(cfg: Config, epoch: int) -> float:
     """The step schedule as a factor of the base rates: 1, then 0.1 after cfg.lr_drop epochs."""
     return 0.1 if epoch >= cfg.lr_drop else 1.0
@@ -98,7 +77,7 @@ def train_step(model, criterion, optimizer, scaler: torch.amp.GradScaler, images
     terms = criterion(outputs, targets, padded)  # float32: the criterion casts the predictions
     optimizer.zero_grad(set_to_none=True)
     safe_step.backward(terms["loss"], optimizer, scaler)
-    norm = safe_step.clip(model.parameters(), cfg.clip_max_norm, optimizer, scaler, cfg.compile)  # 0.1
+    norm = safe_step.clip(model.parameters(), cfg.clip_max_norm, optimizer, scaler, cfg.compile)  # to 0.1
     safe_step.step(optimizer, scaler, terms, norm)
     return terms
 
@@ -111,6 +90,27 @@ def build_optimizer(model: DINO, cfg: Config) -> torch.optim.Optimizer:
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
     return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr_backbone}],
                              weight_decay=cfg.weight_decay, fused=rest[0].device.type in ("cuda", "cpu") or None)
+
+
+EMA_WARMUP = 2000  # tau, in steps, of the EMA's decay warm-up: RT-DETR's and ultralytics' ModelEMA
+
+
+def make_ema(model: DINO, decay: float) -> AveragedModel:
+    """Exponential moving average of the weights, ema = d_t * ema + (1 - d_t) * weights after step t, with
+    the decay warmed up as RT-DETR and ultralytics do, d_t = decay * (1 - exp(-t / EMA_WARMUP)): the first
+    steps' weights are followed closely, and the average reaches `decay`'s window of 1 / (1 - decay) steps
+    only after a few thousand. (Official DINO's EMA keeps `decay` from the first step: after 600 steps at
+    0.9997, 84% of its average is still the random initial weights, whose AP is 0.) torch's AveragedModel,
+    one foreach lerp over all parameters; ema.module is the averaged DINO, and ema.n_averaged counts t
+    from 1. Buffers are copied, never averaged: frozen batch-norm statistics do not change, and Swin's
+    integer position indices must not."""
+    def update(averaged: list[Tensor], current: list[Tensor], steps: Tensor):
+        decay_now = decay * (1 - torch.exp(-steps.double() / EMA_WARMUP))  # on the device: no wait for it
+        torch._foreach_lerp_(averaged, current, (1 - decay_now).to(averaged[0].dtype))
+
+    ema = AveragedModel(model, multi_avg_fn=update, use_buffers=False)
+    ema.n_averaged.fill_(1)  # it starts from the initial weights: AveragedModel would copy the first step's
+    return ema.requires_grad_(False)
 
 
 def minutes(text: str) -> float:

@@ -82,7 +82,7 @@ def test_eval_command_on_a_trained_checkpoint(shapes, tmp_path):
     assert results and set(results[0]) == {"image_id", "category_id", "bbox", "score"}
     from data import load_coco
     load_coco(shapes / "annotations" / "instances_val2017.json").loadRes(results)
-    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "run" / "checkpoint.pth"),
+    result = subprocess.run([sys.executable, "-m", "appendix.detect", str(tmp_path / "run" / "checkpoint.pth"),
                              "--image", str(image), str(shapes / "train2017"), "--output-dir", str(out),
                              "--score-thr", "0.0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -90,6 +90,7 @@ def test_eval_command_on_a_trained_checkpoint(shapes, tmp_path):
     assert f"{image}:" in result.stdout and result.stdout.count(" detections with score >= 0.0") == inputs
     assert len(list(out.glob("*_detections.png"))) == inputs  # none drawn over another
     eager = result.stdout
+    # the older spelling: eval.py passes --image on to appendix.detect
     result = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "run" / "checkpoint.pth"),
                              "--image", str(image), "--output-dir", str(out), "--score-thr", "0.0", "--compile"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
