@@ -68,8 +68,8 @@ class Trace:
     def query_of(self, box_xyxy: Tensor) -> int:
         """The query whose last-layer box is `box_xyxy` (a detection's, in the image's pixels)."""
         H, W = self.image.shape[1:]
-        boxes = box_convert(self.outputs["pred_boxes"][0], "cxcywh", "xyxy") * torch.tensor([W, H, W, H])
-        return int((boxes - box_xyxy).abs().amax(-1).argmin())
+        boxes = box_convert(self.outputs["pred_boxes"][0].cpu(), "cxcywh", "xyxy") * torch.tensor([W, H, W, H])
+        return int((boxes - box_xyxy.cpu()).abs().amax(-1).argmin())
 
 
 @contextlib.contextmanager
