@@ -192,10 +192,12 @@ def look_forward_twice_picture(trace: Trace, queries: dict[int, str], path: Path
         for i, (box, colour) in enumerate(zip(boxes, colours)):
             draw_box(ax, box, colour, linewidth=1.2 if i else 1.8, linestyle="--" if i == 0 else "-",
                      label="anchor" if i == 0 else f"layer {i}")
-        x1, y1, x2, y2 = boxes.tolist()[-1]
-        pad = max(x2 - x1, y2 - y1)  # zoomed on the refinement, with context around it
-        ax.set_xlim(max(0, min(boxes[:, 0].min().item(), x1) - pad / 2), min(trace.image.shape[2], max(boxes[:, 2].max().item(), x2) + pad / 2))
-        ax.set_ylim(min(trace.image.shape[1], max(boxes[:, 3].max().item(), y2) + pad / 2), max(0, min(boxes[:, 1].min().item(), y1) - pad / 2))
+        # zoomed on all the boxes, with half the final box's larger side around them
+        (x1, y1), (x2, y2) = boxes[:, :2].min(0).values.tolist(), boxes[:, 2:].max(0).values.tolist()
+        pad = (boxes[-1, 2:] - boxes[-1, :2]).max().item() / 2
+        H, W = trace.image.shape[1:]
+        ax.set_xlim(max(0, x1 - pad), min(W, x2 + pad))
+        ax.set_ylim(min(H, y2 + pad), max(0, y1 - pad))
         ax.legend(fontsize=7, loc="lower right")
     figure.suptitle("Look forward twice (DINO Sec. 3.5): each decoder layer refines the box of the layer before it, and "
                     "its loss also trains that earlier layer's prediction. Look for the anchor (dashed) moving onto the "
